@@ -1,0 +1,10 @@
+"""cpsl-hf: CPSL (Class-Balanced Pixel-Level Self-Labeling) for domain adaptive semantic segmentation.
+
+Importing the package registers :class:`CPSLConfig` with ``AutoConfig`` and
+:class:`CPSLForSemanticSegmentation` with ``AutoModel`` and ``AutoModelForSemanticSegmentation``.
+Sub-packages (``cpsl_hf.selflabel``, ``cpsl_hf.data``, ``cpsl_hf.training``) are imported on first use.
+"""
+
+__version__ = "0.1.0"
+
+# MODEL-REGISTRATION (owned by the model code): the imports below register the Auto classes.

@@ -1,0 +1,44 @@
+"""Datasets for CPSL: label protocols, GTA5 / SYNTHIA / Cityscapes readers, prepared (parquet, Hub)
+datasets, the built-in synthetic domain shift, streaming loaders and weak/strong augmentation.
+
+Names are resolved lazily so that ``import cpsl_hf.data`` stays cheap (``datasets`` is imported only when
+a reader is used).
+"""
+
+import importlib
+
+_EXPORTS = {
+    # label protocols
+    "CITYSCAPES_CLASSES": "protocols",
+    "CITYSCAPES_PALETTE": "protocols",
+    "class_names": "protocols",
+    "label_id_lut": "protocols",
+    "synthia_lut": "protocols",
+    "train_id_to_label_id": "protocols",
+    "colorize": "protocols",
+    # readers
+    "load_gta5": "readers",
+    "load_synthia": "readers",
+    "load_cityscapes": "readers",
+    "load_prepared": "readers",
+    "BadSampleError": "readers",
+    # the built-in synthetic domain shift
+    "load_synthetic": "synthetic",
+    # loaders
+    "build_train_loader": "loading",
+    "build_eval_loader": "loading",
+    # augmentation
+    "weak_augment": "transforms",
+    "strong_augment": "transforms",
+    "warp_to_view": "transforms",
+    "normalize": "transforms",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
