@@ -1,0 +1,300 @@
+"""Configuration of the CPSL segmentation model (backbone + decode head + self-labeling head).
+
+This file travels with every saved checkpoint as remote code (``trust_remote_code=True``), so it imports only
+``transformers`` (and, through the modeling file, ``torch``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig, ResNetConfig, SegformerConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Cityscapes train-id order (19 classes). Kept here, not imported from ``cpsl_hf.data``, because this file must
+# load without the package installed. ``tests/test_modeling.py`` checks it against ``cpsl_hf.data.protocols``.
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+_DROPPED_FOR_16 = ("terrain", "truck", "train")
+_DROPPED_FOR_13 = _DROPPED_FOR_16 + ("wall", "fence", "pole")
+
+DECODE_HEADS = {"segformer": ("segformer",), "resnet": ("proda", "deeplabv2")}
+"""Decode heads available for each backbone ``model_type``; the first one is the default."""
+
+RESNET_OUTPUT_STRIDES = (8, 16, 32)
+
+_MIT_COMMON: dict[str, Any] = {
+    "num_encoder_blocks": 4,
+    "sr_ratios": [8, 4, 2, 1],
+    "patch_sizes": [7, 3, 3, 3],
+    "strides": [4, 2, 2, 2],
+    "mlp_ratios": [4, 4, 4, 4],
+    "drop_path_rate": 0.1,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "classifier_dropout_prob": 0.1,
+    "layer_norm_eps": 1e-6,
+}
+
+
+def _mit(hidden_sizes: list[int], depths: list[int], heads: list[int], decoder: int) -> dict[str, Any]:
+    return {
+        "model_type": "segformer",
+        **_MIT_COMMON,
+        "hidden_sizes": hidden_sizes,
+        "depths": depths,
+        "num_attention_heads": heads,
+        "decoder_hidden_size": decoder,
+    }
+
+
+_MIT_HEADS = [1, 2, 5, 8]
+_MIT_WIDE = [64, 128, 320, 512]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.85M parameters: the CPU demo / test size.
+    "segformer-tiny": {"backbone_config": _mit([16, 32, 64, 128], [2, 2, 2, 2], [1, 2, 4, 8], 128)},
+    # The published MiT encoders (nvidia/mit-b0 ... nvidia/mit-b5) with the SegFormer decoder widths.
+    "segformer-b0": {"backbone_config": _mit([32, 64, 160, 256], [2, 2, 2, 2], _MIT_HEADS, 256)},
+    "segformer-b1": {"backbone_config": _mit(_MIT_WIDE, [2, 2, 2, 2], _MIT_HEADS, 256)},
+    "segformer-b2": {"backbone_config": _mit(_MIT_WIDE, [3, 4, 6, 3], _MIT_HEADS, 768)},
+    "segformer-b3": {"backbone_config": _mit(_MIT_WIDE, [3, 4, 18, 3], _MIT_HEADS, 768)},
+    "segformer-b4": {"backbone_config": _mit(_MIT_WIDE, [3, 8, 27, 3], _MIT_HEADS, 768)},
+    "segformer-b5": {"backbone_config": _mit(_MIT_WIDE, [3, 6, 40, 3], _MIT_HEADS, 768)},
+    # DeepLab-V2: ResNet-101 (microsoft/resnet-101 layout) dilated to output stride 8, ProDA/CPSL ASPP head.
+    "deeplabv2-r101": {
+        "backbone_config": {
+            "model_type": "resnet",
+            "embedding_size": 64,
+            "hidden_sizes": [256, 512, 1024, 2048],
+            "depths": [3, 4, 23, 3],
+            "layer_type": "bottleneck",
+            "hidden_act": "relu",
+            "downsample_in_first_stage": False,
+            "downsample_in_bottleneck": False,
+        },
+        "decode_head": "proda",
+        "embedding_dim": 256,
+        "output_stride": 8,
+    },
+}
+"""Named sizes for :meth:`CPSLConfig.from_preset`."""
+
+
+def default_class_names(num_labels: int) -> list[str] | None:
+    """Cityscapes class names of the 19-, 16- (SYNTHIA) and 13-class protocols; ``None`` for other sizes."""
+    if num_labels == 19:
+        return list(CITYSCAPES_CLASSES)
+    if num_labels == 16:
+        return [name for name in CITYSCAPES_CLASSES if name not in _DROPPED_FOR_16]
+    if num_labels == 13:
+        return [name for name in CITYSCAPES_CLASSES if name not in _DROPPED_FOR_13]
+    return None
+
+
+class CPSLConfig(PreTrainedConfig):
+    r"""Configuration of :class:`CPSLForSemanticSegmentation`.
+
+    The backbone is a nested config whose ``model_type`` selects the architecture:
+
+    - ``SegformerConfig``: MiT encoder + SegFormer all-MLP decode head (``decode_head="segformer"``); logits and
+      embeddings at stride 4; the embedding is the fused ``decoder_hidden_size``-dim feature before the classifier.
+    - ``ResNetConfig``: DeepLab-V2 ResNet with stages 3 and 4 dilated to ``output_stride`` 8, followed by
+      ``decode_head="proda"`` (default; ProDA/CPSL ASPP: 1x1 + four dilated 3x3 branches, each
+      ``embedding_dim``-wide with GroupNorm, concatenated, squeeze-excitation, 3x3 fuse conv + GroupNorm gives the
+      ``embedding_dim``-dim embedding, a 1x1 conv the logits) or ``decode_head="deeplabv2"`` (the original ASPP:
+      four parallel dilated 3x3 convs summed into logits; it has no hidden layer, so its embedding is the
+      backbone's last feature map, ``hidden_sizes[-1]``-dim, the input of that linear classifier).
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*): ``SegformerConfig`` or ``ResNetConfig`` (or
+            their dict form with ``model_type``). Defaults to ``SegformerConfig()``.
+        decode_head (`str`, *optional*): ``"segformer"`` (SegFormer backbones), ``"proda"`` or ``"deeplabv2"``
+            (ResNet backbones). Defaults to the first of these for the backbone.
+        embedding_dim (`int`, *optional*): D, the width of the pixel embedding used by the self-labeling head.
+            Fixed by the backbone for ``segformer`` (``decoder_hidden_size``) and ``deeplabv2``
+            (``hidden_sizes[-1]``); free for ``proda`` (default 256, a multiple of 32 for GroupNorm).
+        output_stride (`int`, *optional*): stride of logits/embeddings w.r.t. the input: always 4 for SegFormer;
+            8 (default, stages 3 and 4 dilated by 2 and 4), 16 (stage 4 dilated by 2) or 32 for ResNet.
+        aspp_dilations (`list[int]`, *optional*, defaults to `[6, 12, 18, 24]`): dilation rates of the ASPP.
+        classifier_dropout_prob (`float`, *optional*, defaults to 0.1): dropout before the 1x1 classifier of the
+            ``segformer`` and ``proda`` heads.
+        sl_temperature (`float`, *optional*, defaults to 0.08): tau of the self-labeling cosine classifier.
+        ignore_index (`int`, *optional*, defaults to 255): label ignored by the cross-entropy loss.
+        initializer_range (`float`, *optional*, defaults to 0.02): std of the normal init of head weights.
+        num_labels / id2label / label2id: classes; Cityscapes names by default for 19, 16 and 13 classes.
+    """
+
+    model_type = "cpsl"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="segformer"),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    decode_head: str | None = None
+    embedding_dim: int | None = None
+    output_stride: int | None = None
+    aspp_dilations: list[int] | tuple[int, ...] = (6, 12, 18, 24)
+    classifier_dropout_prob: float = 0.1
+    sl_temperature: float = 0.08
+    ignore_index: int = 255
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None:
+            num_labels = kwargs.get("num_labels", 19)
+            names = default_class_names(num_labels)
+            if names is not None:
+                self.id2label = dict(enumerate(names))
+        super().__post_init__(**kwargs)
+        if self.label2id is None or len(self.label2id) != len(self.id2label):
+            self.label2id = {name: index for index, name in self.id2label.items()}
+        self.aspp_dilations = list(self.aspp_dilations)
+        self._resolve_architecture()
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def backbone_type(self) -> str:
+        """``"segformer"`` or ``"resnet"``: the ``model_type`` of ``backbone_config``."""
+        return self.backbone_config.model_type
+
+    def _resolve_architecture(self) -> None:
+        backbone_type = self.backbone_type
+        if backbone_type not in DECODE_HEADS:
+            raise ValueError(
+                f"CPSLConfig: backbone_config has model_type={backbone_type!r}; supported backbones are "
+                f"{sorted(DECODE_HEADS)} (SegformerConfig or ResNetConfig)."
+            )
+        heads = DECODE_HEADS[backbone_type]
+        if self.decode_head is None:
+            self.decode_head = heads[0]
+        if self.decode_head not in heads:
+            raise ValueError(
+                f"CPSLConfig: decode_head={self.decode_head!r} does not fit a {backbone_type} backbone; "
+                f"choose one of {list(heads)}."
+            )
+        backbone = self.backbone_config
+        if self.decode_head == "segformer":
+            fixed_dim, fixed_reason = backbone.decoder_hidden_size, "backbone_config.decoder_hidden_size"
+        elif self.decode_head == "deeplabv2":
+            fixed_dim, fixed_reason = backbone.hidden_sizes[-1], "backbone_config.hidden_sizes[-1]"
+        else:
+            fixed_dim, fixed_reason = None, None
+        if fixed_dim is not None:
+            if self.embedding_dim is not None and self.embedding_dim != fixed_dim:
+                raise ValueError(
+                    f"CPSLConfig: embedding_dim={self.embedding_dim} but the {self.decode_head!r} head's embedding "
+                    f"is {fixed_reason}={fixed_dim}; leave embedding_dim unset or change the backbone."
+                )
+            self.embedding_dim = fixed_dim
+        else:
+            if self.embedding_dim is None:
+                self.embedding_dim = 256
+            if self.embedding_dim <= 0 or self.embedding_dim % 32 != 0:
+                raise ValueError(
+                    f"CPSLConfig: embedding_dim={self.embedding_dim} must be a positive multiple of 32 for the "
+                    "'proda' head (GroupNorm with 32 groups)."
+                )
+        if backbone_type == "segformer":
+            if self.output_stride not in (None, 4):
+                raise ValueError(
+                    f"CPSLConfig: output_stride={self.output_stride} is not possible for SegFormer (its decode "
+                    "head always works at stride 4)."
+                )
+            self.output_stride = 4
+        else:
+            if self.output_stride is None:
+                self.output_stride = 8
+            if self.output_stride not in RESNET_OUTPUT_STRIDES:
+                raise ValueError(
+                    f"CPSLConfig: output_stride={self.output_stride} for a ResNet backbone must be one of "
+                    f"{RESNET_OUTPUT_STRIDES}."
+                )
+            if len(backbone.hidden_sizes) != 4:
+                raise ValueError("CPSLConfig: a ResNet backbone must have 4 stages (backbone_config.depths).")
+        if not self.sl_temperature > 0:
+            raise ValueError(f"CPSLConfig: sl_temperature={self.sl_temperature} must be > 0.")
+
+    @property
+    def resnet_stage_dilations(self) -> list[int]:
+        """Dilation of each of the 4 ResNet stages (strides of dilated stages become 1), e.g. [1, 1, 2, 4]."""
+        return {8: [1, 1, 2, 4], 16: [1, 1, 1, 2], 32: [1, 1, 1, 1]}[self.output_stride]
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(
+        cls, name: str, num_labels: int = 19, id2label: dict[int, str] | None = None, **overrides: Any
+    ) -> CPSLConfig:
+        """Config of a named size (see ``PRESETS``): ``segformer-tiny``, ``segformer-b0`` ... ``segformer-b5``,
+        ``deeplabv2-r101``.
+
+        Args:
+            name: preset name.
+            num_labels: number of classes C (19, 16 and 13 get Cityscapes names).
+            id2label: class names, overriding the defaults; its length must equal ``num_labels``.
+            overrides: ``CPSLConfig`` fields (``decode_head="deeplabv2"``, ``sl_temperature=0.1``, ...) or fields of
+                the backbone config (``drop_path_rate=0.0``, ``decoder_hidden_size=256``, ...), routed by name.
+        """
+        if name not in PRESETS:
+            raise ValueError(
+                f"CPSLConfig.from_preset: unknown preset {name!r}; known presets: {sorted(PRESETS)}."
+            )
+        if id2label is not None and len(id2label) != num_labels:
+            raise ValueError(
+                f"CPSLConfig.from_preset: id2label has {len(id2label)} entries but num_labels={num_labels}."
+            )
+        preset = copy.deepcopy(PRESETS[name])
+        top_level, backbone_overrides = cls.route_overrides(
+            preset["backbone_config"]["model_type"], overrides
+        )
+        preset["backbone_config"].update(backbone_overrides)
+        preset.update(top_level)
+        if id2label is not None:
+            preset["id2label"] = {int(key): value for key, value in id2label.items()}
+        return cls(num_labels=num_labels, **preset)
+
+    @classmethod
+    def route_overrides(cls, backbone_model_type: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
+        """Split keyword overrides into (CPSLConfig fields, backbone-config fields); unknown names raise."""
+        backbone_class = {"segformer": SegformerConfig, "resnet": ResNetConfig}[backbone_model_type]
+        own_fields = set(cls.__dataclass_fields__) | {"num_labels"}
+        backbone_fields = set(backbone_class.__dataclass_fields__) - set(
+            PreTrainedConfig.__dataclass_fields__
+        )
+        top_level, backbone = {}, {}
+        for key, value in overrides.items():
+            if key in own_fields:
+                top_level[key] = value
+            elif key in backbone_fields:
+                backbone[key] = value
+            else:
+                raise ValueError(
+                    f"CPSLConfig: unknown override {key!r}; it is neither a CPSLConfig field nor a field of "
+                    f"{backbone_class.__name__}."
+                )
+        return top_level, backbone
+
+
+CPSLConfig.register_for_auto_class("AutoConfig")
+
+__all__ = ["CITYSCAPES_CLASSES", "PRESETS", "CPSLConfig", "default_class_names"]

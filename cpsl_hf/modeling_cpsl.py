@@ -1,0 +1,524 @@
+"""CPSL segmentation model: a transformers backbone + decode head + self-labeling (cosine prototype) head.
+
+Backbones come from ``transformers``: ``SegformerModel`` (MiT-B0..B5) with the SegFormer all-MLP decode head, or
+``ResNetModel`` dilated in place to output stride 8 with a DeepLab-V2 ASPP head (plain or the ProDA/CPSL variant).
+This file travels with every saved checkpoint as remote code, so it imports only ``torch``, ``transformers`` and
+``configuration_cpsl`` (relatively).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, PreTrainedModel, ResNetModel, SegformerModel
+from transformers import initialization as init
+from transformers.models.resnet.modeling_resnet import ResNetShortCut
+from transformers.utils import ModelOutput
+
+from .configuration_cpsl import PRESETS, CPSLConfig
+
+logger = logging.getLogger(__name__)
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_cpsl.CPSLConfig",
+    "AutoModel": "modeling_cpsl.CPSLForSemanticSegmentation",
+    "AutoModelForSemanticSegmentation": "modeling_cpsl.CPSLForSemanticSegmentation",
+}
+"""The ``auto_map`` written into every saved ``config.json`` (remote-code entry points)."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CPSLSemanticSegmenterOutput(ModelOutput):
+    """Output of :class:`CPSLForSemanticSegmentation`.
+
+    Args:
+        loss: 0-dim cross-entropy at label resolution (only when ``labels`` are given).
+        logits: N x C x h x w segmentation scores at the decode resolution (h = H / ``config.output_stride``).
+        embeddings: N x D x h x w pixel embeddings of the decode head, before the classifier
+            (only with ``output_embeddings=True``).
+        sl_logits: N x C x h x w self-labeling scores ``cos(z, W) / tau`` (only with ``output_embeddings=True``).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    sl_logits: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------- heads
+class CPSLSegformerDecodeHead(nn.Module):
+    """SegFormer all-MLP decode head (same layers and weight names as ``SegformerDecodeHead``) that also returns
+    the fused pixel embedding before dropout and classifier.
+
+    Input: the 4 encoder feature maps, N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32).
+    Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``decoder_hidden_size``.
+    """
+
+    def __init__(self, config: CPSLConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        decoder_size = backbone.decoder_hidden_size
+        self.linear_projections = nn.ModuleList(
+            [SegformerProjection(hidden_size, decoder_size) for hidden_size in backbone.hidden_sizes]
+        )
+        self.linear_fuse = nn.Conv2d(decoder_size * len(backbone.hidden_sizes), decoder_size, 1, bias=False)
+        self.batch_norm = nn.BatchNorm2d(decoder_size)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.classifier = nn.Conv2d(decoder_size, config.num_labels, kernel_size=1)
+
+    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        target_size = encoder_hidden_states[0].shape[2:]
+        projected = [
+            F.interpolate(projection(features), size=target_size, mode="bilinear", align_corners=False)
+            for features, projection in zip(encoder_hidden_states, self.linear_projections)
+        ]
+        embeddings = self.activation(self.batch_norm(self.linear_fuse(torch.cat(projected[::-1], dim=1))))
+        logits = self.classifier(self.dropout(embeddings))
+        return embeddings, logits
+
+
+class SegformerProjection(nn.Module):
+    """Per-pixel linear projection N x C_in x h x w -> N x C_out x h x w (weight name ``proj`` as in
+    ``SegformerMLP``)."""
+
+    def __init__(self, input_dim: int, output_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(input_dim, output_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch_size, _, height, width = features.shape
+        projected = self.proj(features.flatten(2).transpose(1, 2))  # N x hw x C_out
+        return projected.transpose(1, 2).reshape(batch_size, -1, height, width)
+
+
+class DeepLabV2ASPPHead(nn.Module):
+    """DeepLab-V2 ASPP classifier: parallel 3x3 convs with dilations 6/12/18/24, summed into logits.
+
+    The head is linear in its input, so the pixel embedding it exposes is its input feature map.
+    Input: N x D x h x w backbone features (D = ``hidden_sizes[-1]``, 2048 for ResNet-101).
+    Output: ``(embeddings N x D x h x w, logits N x C x h x w)``.
+    """
+
+    def __init__(self, in_channels: int, num_labels: int, dilations: list[int]):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [
+                nn.Conv2d(in_channels, num_labels, 3, padding=rate, dilation=rate, bias=True)
+                for rate in dilations
+            ]
+        )
+        for branch in self.branches:
+            branch.cpsl_init = 0.01
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.stack([branch(features) for branch in self.branches]).sum(dim=0)
+        return features, logits
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel gating x * sigmoid(MLP(avgpool(x))), reduction 16 (as in ProDA's ASPP)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, channels // reduction)
+        self.fc2 = nn.Linear(channels // reduction, channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = features.mean(dim=(2, 3))  # N x C
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
+        return features * gate[:, :, None, None]
+
+
+class ProDAASPPHead(nn.Module):
+    """The ProDA/CPSL variant of the DeepLab-V2 ASPP head, with a D-dim embedding before the classifier.
+
+    Branches: one 1x1 conv and one 3x3 conv per dilation, each to D channels + GroupNorm(32) + ReLU; their
+    concatenation goes through squeeze-excitation, a 3x3 conv to D channels and GroupNorm, giving the embedding;
+    dropout and a bias-free 1x1 conv give the logits.
+    Input: N x C_in x h x w backbone features. Output: ``(embeddings N x D x h x w, logits N x C x h x w)``.
+    """
+
+    def __init__(
+        self, in_channels: int, embedding_dim: int, num_labels: int, dilations: list[int], dropout: float
+    ):
+        super().__init__()
+
+        def branch(kernel_size: int, rate: int) -> nn.Sequential:
+            padding = rate if kernel_size == 3 else 0
+            return nn.Sequential(
+                nn.Conv2d(in_channels, embedding_dim, kernel_size, padding=padding, dilation=rate, bias=True),
+                nn.GroupNorm(32, embedding_dim),
+                nn.ReLU(),
+            )
+
+        self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, rate) for rate in dilations])
+        concat_dim = embedding_dim * len(self.branches)
+        self.squeeze_excitation = SqueezeExcitation(concat_dim)
+        self.fuse = nn.Conv2d(concat_dim, embedding_dim, 3, padding=1, bias=True)
+        self.fuse_norm = nn.GroupNorm(32, embedding_dim)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(embedding_dim, num_labels, 1, bias=False)
+        for conv in [branch[0] for branch in self.branches] + [self.fuse]:
+            conv.cpsl_init = "kaiming_fan_in"
+        self.squeeze_excitation.fc1.cpsl_init = self.squeeze_excitation.fc2.cpsl_init = "kaiming_fan_out"
+        self.classifier.cpsl_init = 0.001
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        concatenated = torch.cat([branch(features) for branch in self.branches], dim=1)
+        embeddings = self.fuse_norm(self.fuse(self.squeeze_excitation(concatenated)))
+        logits = self.classifier(self.dropout(embeddings))
+        return embeddings, logits
+
+
+class CPSLSelfLabelingHead(nn.Module):
+    """Cosine classifier f_SL: ``sl_logits = normalize(z) . normalize(W)^T / tau``.
+
+    Attributes:
+        prototypes: nn.Parameter C x D, the class prototypes W.
+        temperature: float tau (0.08 by default).
+    Input: embeddings N x D x h x w. Output: N x C x h x w.
+    """
+
+    def __init__(self, num_labels: int, embedding_dim: int, temperature: float):
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.empty(num_labels, embedding_dim))
+        self.temperature = float(temperature)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if embeddings.shape[1] != self.prototypes.shape[1]:
+            raise ValueError(
+                f"CPSLSelfLabelingHead: embeddings have {embeddings.shape[1]} channels, prototypes expect "
+                f"{self.prototypes.shape[1]} (embedding_dim)."
+            )
+        directions = F.normalize(embeddings, dim=1)
+        prototypes = F.normalize(self.prototypes, dim=1).to(directions.dtype)
+        return torch.einsum("ndhw,cd->nchw", directions, prototypes) / self.temperature
+
+    def extra_repr(self) -> str:
+        return f"num_labels={self.prototypes.shape[0]}, embedding_dim={self.prototypes.shape[1]}, tau={self.temperature}"
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+def dilate_resnet_(resnet: ResNetModel, stage_dilations: list[int]) -> ResNetModel:
+    """Turn strided ResNet stages into dilated ones, in place (DeepLab-V2, all blocks of a stage share a rate).
+
+    For each stage with dilation d > 1, every conv of the stage gets stride 1 (including the 1x1 shortcut) and
+    every 3x3 conv gets dilation = padding = d. Parameter names and shapes do not change, so ImageNet weights of
+    ``ResNetModel`` (``microsoft/resnet-101``) load as they are. Returns ``resnet``.
+    """
+    for stage, dilation in zip(resnet.encoder.stages, stage_dilations):
+        if dilation == 1:
+            continue
+        for module in stage.modules():
+            if isinstance(module, nn.Conv2d):
+                module.stride = (1, 1)
+                if module.kernel_size == (3, 3):
+                    module.dilation = (dilation, dilation)
+                    module.padding = (dilation, dilation)
+            elif isinstance(module, ResNetShortCut):
+                module.convolution.stride = (1, 1)
+    return resnet
+
+
+def build_backbone(config: CPSLConfig) -> SegformerModel | ResNetModel:
+    """The encoder of ``config``: a ``SegformerModel`` or a dilated ``ResNetModel`` (random weights)."""
+    if config.backbone_type == "segformer":
+        return SegformerModel(config.backbone_config)
+    return dilate_resnet_(ResNetModel(config.backbone_config), config.resnet_stage_dilations)
+
+
+def build_image_processor():
+    """The image processor saved with every checkpoint: a ``SegformerImageProcessor`` (its PIL backend when
+    torchvision is not installed; saved as ``SegformerImageProcessor`` either way) with rescale 1/255 and ImageNet
+    mean/std, and ``do_resize=False``: the network is fully convolutional and is trained and evaluated at the
+    images' own scale, and ``pipeline("image-segmentation")`` upsamples the logits back to each input's size."""
+    import importlib.util
+
+    from transformers import SegformerImageProcessor, SegformerImageProcessorPil
+
+    has_torchvision = importlib.util.find_spec("torchvision") is not None
+    processor_class = SegformerImageProcessor if has_torchvision else SegformerImageProcessorPil
+    return processor_class(
+        do_resize=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_reduce_labels=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- model
+class CPSLPreTrainedModel(PreTrainedModel):
+    config_class = CPSLConfig
+    config: CPSLConfig
+    base_model_prefix = "backbone"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = []
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise the head modules (the backbone sub-model initialises itself).
+
+        Generic layers: normal(0, initializer_range) for conv/linear weights, zero biases, unit norms. Then the
+        head-specific schemes of the references, marked on the layers as ``cpsl_init`` (a std or a kaiming mode):
+        DeepLab-V2 ASPP normal(0, 0.01); ProDA kaiming (fan_in) for the branch and fuse convs, kaiming (fan_out)
+        for the SE MLP, normal(0, 0.001) for the classifier; the self-labeling prototypes W
+        normal(0, initializer_range) (only their directions matter).
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            scheme = getattr(module, "cpsl_init", std)
+            if scheme in ("kaiming_fan_in", "kaiming_fan_out"):
+                init.kaiming_normal_(module.weight, a=0, mode=scheme.removeprefix("kaiming_"))
+            else:
+                init.normal_(module.weight, mean=0.0, std=scheme)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, CPSLSelfLabelingHead):
+            init.normal_(module.prototypes, mean=0.0, std=std)
+
+
+class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
+    """Backbone + decode head + self-labeling head (SPEC.md: f_SEG and f_SL).
+
+    Attributes:
+        backbone: ``SegformerModel`` or dilated ``ResNetModel`` (weight names as in transformers).
+        decode_head: ``CPSLSegformerDecodeHead``, ``ProDAASPPHead`` or ``DeepLabV2ASPPHead``.
+        self_labeling_head: ``CPSLSelfLabelingHead`` with ``.prototypes`` (C x D) and ``.temperature``.
+    """
+
+    def __init__(self, config: CPSLConfig):
+        super().__init__(config)
+        self.backbone = build_backbone(config)
+        if config.decode_head == "segformer":
+            self.decode_head = CPSLSegformerDecodeHead(config)
+        elif config.decode_head == "proda":
+            self.decode_head = ProDAASPPHead(
+                config.backbone_config.hidden_sizes[-1],
+                config.embedding_dim,
+                config.num_labels,
+                config.aspp_dilations,
+                config.classifier_dropout_prob,
+            )
+        else:
+            self.decode_head = DeepLabV2ASPPHead(
+                config.backbone_config.hidden_sizes[-1], config.num_labels, config.aspp_dilations
+            )
+        self.self_labeling_head = CPSLSelfLabelingHead(
+            config.num_labels, config.embedding_dim, config.sl_temperature
+        )
+        self.post_init()
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone + decode head.
+
+        Args:
+            pixel_values: N x 3 x H x W ImageNet-normalised float images.
+        Returns:
+            ``(embeddings N x D x h x w, logits N x C x h x w)`` with h = ceil-ish(H / output_stride).
+        """
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"CPSLForSemanticSegmentation: pixel_values must be N x 3 x H x W, got {tuple(pixel_values.shape)}."
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                "CPSLForSemanticSegmentation: pixel_values must be ImageNet-normalised floats, got "
+                f"{pixel_values.dtype} (convert uint8 images with cpsl_hf.data.transforms.to_float + normalize)."
+            )
+        if self.config.backbone_type == "segformer":
+            features = self.backbone(pixel_values, output_hidden_states=True).hidden_states
+        else:
+            features = self.backbone(pixel_values).last_hidden_state
+        return self.decode_head(features)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_embeddings: bool = False,
+        return_dict: bool | None = None,
+    ) -> CPSLSemanticSegmenterOutput | tuple:
+        """Segment a batch.
+
+        Args:
+            pixel_values: N x 3 x H x W ImageNet-normalised float images.
+            labels: optional int64 N x H' x W' train ids (``config.ignore_index`` ignored); the loss is the
+                cross-entropy of the logits upsampled bilinearly to H' x W'.
+            output_embeddings: also return ``embeddings`` (N x D x h x w) and ``sl_logits`` (N x C x h x w).
+            return_dict: return a :class:`CPSLSemanticSegmenterOutput` (default) or a tuple of its non-None fields.
+        """
+        embeddings, logits = self.encode(pixel_values)
+        loss = self.segmentation_loss(logits, labels) if labels is not None else None
+        sl_logits = self.self_labeling_head(embeddings) if output_embeddings else None
+        output = CPSLSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            embeddings=embeddings if output_embeddings else None,
+            sl_logits=sl_logits,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy at label resolution.
+
+        Args:
+            logits: N x C x h x w. labels: int64 N x H x W (``config.ignore_index`` ignored).
+        Returns:
+            0-dim mean over non-ignored pixels.
+        """
+        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"CPSLForSemanticSegmentation: labels must be N x H x W with N={logits.shape[0]}, "
+                f"got {tuple(labels.shape)}."
+            )
+        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.ignore_index)
+
+    # ------------------------------------------------------------------ training helpers
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role, each exactly once: ``"backbone"`` (encoder), ``"head"`` (decode head
+        incl. classifier) and ``"prototypes"`` (W). Parameters with ``requires_grad=False`` are left out."""
+        groups = {
+            "backbone": list(self.backbone.parameters()),
+            "head": list(self.decode_head.parameters()),
+            "prototypes": [self.self_labeling_head.prototypes],
+        }
+        return {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
+
+    # ------------------------------------------------------------------ building / saving
+    @classmethod
+    def from_pretrained_backbone(
+        cls,
+        name_or_path: str,
+        num_labels: int = 19,
+        id2label: dict[int, str] | None = None,
+        strict: bool = False,
+        **config_overrides,
+    ) -> CPSLForSemanticSegmentation:
+        """Build a model whose encoder is loaded from a ``SegformerModel``/MiT (``nvidia/mit-b5``) or ``ResNetModel``
+        (``microsoft/resnet-101``) checkpoint (Hub id or folder; heads of classification/segmentation checkpoints
+        are reported as unexpected and skipped). Decode head and prototypes are freshly initialised.
+
+        For a MiT encoder whose (depths, hidden_sizes) match a SegFormer preset, the decode-head width defaults to
+        that preset's (256 for B0/B1, 768 for B2-B5); pass ``decoder_hidden_size=...`` to choose.
+
+        Args:
+            name_or_path: Hub id or local folder of the encoder checkpoint.
+            num_labels, id2label: classes (Cityscapes names by default for 19/16/13).
+            strict: raise if any encoder weight is missing from the checkpoint (default: warn).
+            config_overrides: ``CPSLConfig`` or backbone-config fields, as in ``CPSLConfig.from_preset``.
+        Returns:
+            the model; ``model.backbone_loading_info`` holds ``missing_keys``, ``unexpected_keys`` and
+            ``mismatched_keys`` of the encoder load.
+        """
+        encoder_config = AutoConfig.from_pretrained(name_or_path)
+        if encoder_config.model_type not in ("segformer", "resnet"):
+            raise ValueError(
+                f"from_pretrained_backbone: {name_or_path!r} has model_type={encoder_config.model_type!r}; "
+                "expected a SegFormer/MiT ('segformer') or ResNet ('resnet') checkpoint."
+            )
+        backbone_dict = {
+            key: value
+            for key, value in encoder_config.to_dict().items()
+            if key not in ("id2label", "label2id", "architectures", "transformers_version", "_name_or_path")
+        }
+        top_level, backbone_overrides = CPSLConfig.route_overrides(
+            encoder_config.model_type, config_overrides
+        )
+        if encoder_config.model_type == "segformer" and "decoder_hidden_size" not in backbone_overrides:
+            for preset in PRESETS.values():
+                preset_backbone = preset["backbone_config"]
+                if preset_backbone["model_type"] == "segformer" and (
+                    list(preset_backbone["depths"]) == list(encoder_config.depths)
+                    and list(preset_backbone["hidden_sizes"]) == list(encoder_config.hidden_sizes)
+                ):
+                    backbone_overrides["decoder_hidden_size"] = preset_backbone["decoder_hidden_size"]
+        backbone_dict.update(backbone_overrides)
+        if id2label is not None:
+            top_level["id2label"] = {int(key): value for key, value in id2label.items()}
+        config = CPSLConfig(backbone_config=backbone_dict, num_labels=num_labels, **top_level)
+        model = cls(config)
+
+        encoder_class = SegformerModel if encoder_config.model_type == "segformer" else ResNetModel
+        encoder, loading_info = encoder_class.from_pretrained(
+            name_or_path, config=config.backbone_config, output_loading_info=True
+        )
+        model.backbone.load_state_dict(encoder.state_dict(), strict=True)
+        model.backbone_loading_info = {
+            key: sorted(loading_info.get(key, []))
+            for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
+        missing = model.backbone_loading_info["missing_keys"] + model.backbone_loading_info["mismatched_keys"]
+        if missing and strict:
+            raise ValueError(f"from_pretrained_backbone: {name_or_path!r} lacks encoder weights {missing}.")
+        if missing:
+            logger.warning(
+                "from_pretrained_backbone: encoder weights NOT loaded from %s: %s", name_or_path, missing
+            )
+        if model.backbone_loading_info["unexpected_keys"]:
+            logger.warning(
+                "from_pretrained_backbone: checkpoint weights not used by the encoder (%s): %s",
+                name_or_path,
+                model.backbone_loading_info["unexpected_keys"],
+            )
+        return model
+
+    def save_pretrained(
+        self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
+    ):
+        """``PreTrainedModel.save_pretrained`` (safetensors) + the remote-code files (``configuration_cpsl.py``,
+        ``modeling_cpsl.py``), a full ``auto_map`` (AutoConfig, AutoModel, AutoModelForSemanticSegmentation) and
+        ``preprocessor_config.json``. With ``push_to_hub=True`` the image processor is pushed after the model,
+        with the same hub keyword arguments (``repo_id``, ``token``, ``commit_message`` ...)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(
+            save_directory, is_main_process=is_main_process, push_to_hub=push_to_hub, **kwargs
+        )
+        if is_main_process:
+            hub_kwargs = {
+                key: value for key, value in kwargs.items() if key not in _MODEL_ONLY_SAVE_ARGUMENTS
+            }
+            build_image_processor().save_pretrained(save_directory, push_to_hub=push_to_hub, **hub_kwargs)
+        return result
+
+
+_MODEL_ONLY_SAVE_ARGUMENTS = {
+    "state_dict",
+    "max_shard_size",
+    "variant",
+    "save_peft_format",
+    "save_original_format",
+    "distributed_checkpoint",
+}
+
+CPSLForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+
+__all__ = [
+    "AUTO_MAP",
+    "CPSLForSemanticSegmentation",
+    "CPSLPreTrainedModel",
+    "CPSLSelfLabelingHead",
+    "CPSLSemanticSegmenterOutput",
+    "build_image_processor",
+    "dilate_resnet_",
+]
