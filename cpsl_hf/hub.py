@@ -1,0 +1,403 @@
+"""The Hub: model cards rendered from ``model_cards/model_card.md.jinja`` and pushing checkpoint folders.
+
+- :func:`render_model_card` / :func:`write_model_card` turn the evaluation metrics (the dict of
+  :func:`cpsl_hf.evaluation.evaluate_model`) and a few facts about the run into a ``README.md`` whose YAML
+  metadata carries a ``model-index`` (mIoU on the target validation set, per label protocol) that
+  ``huggingface_hub.ModelCard`` parses back.
+- :func:`push_checkpoint` uploads a finished checkpoint folder with ``huggingface_hub`` (``create_repo`` +
+  ``upload_folder``). It fails at once, with a message that says why, when ``HF_HUB_OFFLINE=1`` is set, when
+  there is no token, or when the Hub cannot be reached (one short request checks before anything is uploaded).
+- :func:`publish_checkpoint` writes the card from ``metrics.json`` / ``training_info.json`` and pushes: what
+  ``scripts/push_to_hub.py`` and the trainer's ``--push_to_hub`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cpsl_hf.data.protocols import class_names as protocol_class_names
+from cpsl_hf.visualization import PREDICTIONS_DIRNAME
+
+#: The template shipped in the repository's top-level ``model_cards/`` folder.
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "model_card.md.jinja"
+
+#: Files a checkpoint folder must hold to be pushed (loadable with ``from_pretrained``).
+REQUIRED_CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+#: Training state that stays local: resuming needs it, people loading the model do not.
+DEFAULT_IGNORE_PATTERNS = (
+    "*.pt",
+    "*.pth",
+    "*.bin",
+    "*.pkl",
+    "optimizer*",
+    "scheduler*",
+    "random_states*",
+    "training_state/*",
+    "trainer_state/*",
+)
+
+#: Seconds allowed to connect to / hear back from the Hub on the first request before giving up.
+HUB_CHECK_TIMEOUT_S = 10.0
+
+METRICS_FILENAME = "metrics.json"
+TRAINING_INFO_FILENAME = "training_info.json"
+
+CPSL_CITATION = """@inproceedings{li2022cpsl,
+  author    = {Li, Ruihuang and Li, Shuai and He, Chenhang and Zhang, Yabin and Jia, Xu and Zhang, Lei},
+  title     = {Class-Balanced Pixel-Level Self-Labeling for Domain Adaptive Semantic Segmentation},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {11593--11603},
+  year      = {2022}
+}"""
+
+_DEFAULT_SOURCE = {19: "GTA5", 16: "SYNTHIA", 13: "SYNTHIA"}
+
+
+class HubError(RuntimeError):
+    """The push cannot happen (offline mode, no token, Hub unreachable, token rejected)."""
+
+
+# ----------------------------------------------------------------------------------------------- model card
+
+
+def _percent(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100.0 * float(value):.2f}"
+
+
+def _require_fraction(metrics: Mapping[str, Any], key: str) -> float:
+    if key not in metrics:
+        raise ValueError(f"metrics has no {key!r} (expected the dict of cpsl_hf.evaluation.evaluate_model)")
+    value = metrics[key]
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"metrics[{key!r}] must be a finite fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything the template needs, validated; the YAML metadata is built with ``huggingface_hub``."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    mean_iou = _require_fraction(metrics, "mean_iou")
+    per_category_iou = list(metrics.get("per_category_iou", []))
+    num_classes = int(metrics.get("num_classes") or training_info.get("num_classes") or len(per_category_iou))
+    names = list(metrics.get("class_names") or protocol_class_names(num_classes))
+    if len(per_category_iou) != num_classes or len(names) != num_classes:
+        raise ValueError(
+            f"metrics: per_category_iou has {len(per_category_iou)} values and class_names {len(names)} names, "
+            f"but the protocol has {num_classes} classes"
+        )
+    per_category_accuracy = list(metrics.get("per_category_accuracy") or [None] * num_classes)
+
+    model_name = str(training_info.get("model_name", "cpsl-segformer"))
+    source = str(training_info.get("source_dataset", _DEFAULT_SOURCE.get(num_classes, "source")))
+    target = str(training_info.get("target_dataset", "Cityscapes"))
+    split = str(training_info.get("eval_split", "validation"))
+    dataset_name = f"{target} ({split}), {source} to {target}"
+    dataset_type = str(training_info.get("eval_dataset_id", target.lower()))
+
+    def result(value: float, metric_name: str, metric_type: str = "mean_iou") -> EvalResult:
+        return EvalResult(
+            task_type="image-segmentation",
+            task_name="Semantic Segmentation",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=value,
+        )
+
+    headline = [(f"mIoU ({num_classes} classes)", mean_iou)]
+    eval_results = [result(mean_iou, f"mIoU ({num_classes} classes)")]
+    if "mean_iou_13" in metrics:
+        mean_iou_13 = _require_fraction(metrics, "mean_iou_13")
+        headline.append(("mIoU (13 classes)", mean_iou_13))
+        eval_results.append(result(mean_iou_13, "mIoU (13 classes)"))
+    if "overall_accuracy" in metrics:
+        pixel_accuracy = _require_fraction(metrics, "overall_accuracy")
+        headline.append(("Pixel accuracy", pixel_accuracy))
+        eval_results.append(result(pixel_accuracy, "Pixel accuracy", metric_type="accuracy"))
+
+    datasets = training_info.get("datasets") or [source.lower(), target.lower()]
+    tags = ["image-segmentation", "semantic-segmentation", "domain-adaptation", "cpsl", "cityscapes"]
+    tags += [tag for tag in training_info.get("tags", []) if tag not in tags]
+    card_data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        base_model=training_info.get("base_model"),
+        datasets=list(datasets),
+        tags=tags,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+
+    recipe: list[tuple[str, str]] = []
+    known = {
+        "config": "Config",
+        "architecture": "Architecture",
+        "stage": "Stage",
+        "steps": "Training steps",
+        "batch_size": "Batch size (source + target)",
+        "crop_size": "Crop size",
+        "seed": "Seed",
+        "hardware": "Hardware",
+        "mixed_precision": "Mixed precision",
+        "evaluation": "Evaluation",
+    }
+    for key, label in known.items():
+        if training_info.get(key) is not None:
+            recipe.append((label, str(training_info[key])))
+    if training_info.get("training_time_s") is not None:
+        recipe.append(("Training time", _format_duration(float(training_info["training_time_s"]))))
+    hyperparameters = dict(training_info.get("hyperparameters") or {})
+
+    rows = [
+        {"name": name, "iou": _percent(iou), "accuracy": _percent(accuracy)}
+        for name, iou, accuracy in zip(names, per_category_iou, per_category_accuracy)
+    ]
+    return {
+        "card_data": card_data.to_yaml(),
+        "model_name": model_name,
+        "repo_id": str(training_info.get("repo_id", f"your-username/{model_name}")),
+        "num_classes": num_classes,
+        "source": source,
+        "target": target,
+        "split": split,
+        "headline": [(name, _percent(value), value) for name, value in headline],
+        "rows": rows,
+        "has_accuracy": any(accuracy is not None for accuracy in per_category_accuracy),
+        "recipe": recipe,
+        "hyperparameters": sorted(hyperparameters.items()),
+        "base_model": training_info.get("base_model"),
+        "example_images": list(training_info.get("example_images") or []),
+        "citation": CPSL_CITATION,
+    }
+
+
+def render_model_card(
+    metrics: Mapping[str, Any],
+    training_info: Mapping[str, Any],
+    template_path: str | os.PathLike | None = None,
+) -> str:
+    """Render the model card (``README.md`` text: YAML metadata + Markdown) from the Jinja template.
+
+    Args:
+        metrics: evaluation on the target validation set, as returned by
+            :func:`cpsl_hf.evaluation.evaluate_model`: ``mean_iou`` and ``per_category_iou`` (fractions in
+            ``[0, 1]``; NaN for a class absent from the split) are required; ``mean_iou_13`` (16-class
+            protocol), ``overall_accuracy``, ``per_category_accuracy``, ``class_names``, ``num_classes`` are used
+            when present. The ``model-index`` stores the values exactly as given (fractions).
+        training_info: facts about the run, all optional: ``model_name``, ``repo_id``, ``source_dataset``,
+            ``target_dataset``, ``eval_split``, ``eval_dataset_id``, ``datasets`` (Hub ids for the metadata),
+            ``base_model`` (e.g. ``nvidia/mit-b5``), ``tags``, ``config``, ``architecture``, ``stage``, ``steps``,
+            ``batch_size``, ``crop_size``, ``seed``, ``hardware``, ``mixed_precision``, ``evaluation``,
+            ``training_time_s``, ``hyperparameters`` (dict), ``example_images`` (paths relative to the card).
+        template_path: a Jinja template to use instead of ``model_cards/model_card.md.jinja``.
+    """
+    import jinja2
+
+    path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model card template {path} not found"
+            + (
+                " (it ships in the repository's model_cards/ folder; pass template_path= when cpsl_hf is "
+                "installed without it)"
+                if template_path is None
+                else ""
+            )
+        )
+    environment = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
+    )
+    template = environment.from_string(path.read_text(encoding="utf-8"))
+    return template.render(**_card_context(metrics, training_info))
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    metrics: Mapping[str, Any],
+    training_info: Mapping[str, Any],
+    template_path: str | os.PathLike | None = None,
+) -> Path:
+    """Render the card into ``output_dir/README.md`` and return its path.
+
+    When ``training_info`` names no ``example_images``, the strips that
+    :func:`cpsl_hf.visualization.save_prediction_strips` saved in ``output_dir/predictions/`` are shown.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise NotADirectoryError(f"write_model_card: {output_dir} is not a folder")
+    info = dict(training_info)
+    if not info.get("example_images"):
+        strips = sorted((output_dir / PREDICTIONS_DIRNAME).glob("*.png"))
+        info["example_images"] = [strip.relative_to(output_dir).as_posix() for strip in strips]
+    path = output_dir / "README.md"
+    path.write_text(render_model_card(metrics, info, template_path), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- push
+
+
+def validate_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
+    """Check that ``checkpoint_dir`` is a folder holding :data:`REQUIRED_CHECKPOINT_FILES`; return it."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist or is not a folder")
+    for name in REQUIRED_CHECKPOINT_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"checkpoint folder {folder} has no {name}: save the model with save_pretrained() before pushing"
+            )
+    return folder
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    from_environment = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return constants.is_offline_mode() or from_environment
+
+
+def check_hub_access(token: str | None = None, endpoint: str | None = None) -> str:
+    """Fail fast unless a push can work: not offline, a token exists, the Hub answers and accepts it.
+
+    One ``GET /api/whoami-v2`` with a :data:`HUB_CHECK_TIMEOUT_S` timeout and no retries.
+
+    Returns:
+        The token to use.
+
+    Raises:
+        HubError: with a message that names the cause (offline mode, no token, unreachable, rejected token).
+    """
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    if _offline_mode():
+        raise HubError("HF_HUB_OFFLINE=1 is set: not pushing to the Hub (unset it to push)")
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            "no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass --token (needs write access)"
+        )
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    url = f"{endpoint}/api/whoami-v2"
+    try:
+        response = get_session().get(url, headers=build_hf_headers(token=token), timeout=HUB_CHECK_TIMEOUT_S)
+    except Exception as error:  # the HTTP client's connect/read/proxy errors: no network or no Hub there
+        raise HubError(
+            f"cannot reach the Hugging Face Hub at {endpoint} ({type(error).__name__}: {error}); "
+            "check the network connection (or HF_ENDPOINT)"
+        ) from error
+    if response.status_code == 401:
+        raise HubError(
+            f"the Hub at {endpoint} rejected the token (401 Unauthorized): log in again or pass --token"
+        )
+    if response.status_code >= 400:
+        raise HubError(
+            f"the Hub at {endpoint} answered {response.status_code} to {url}: {response.text[:200]}"
+        )
+    return token
+
+
+def push_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
+    endpoint: str | None = None,
+) -> str:
+    """Upload a checkpoint folder (model, config, image processor, remote code, card) to a Hub model repo.
+
+    Validates the folder, then :func:`check_hub_access` (fails at once offline / without token / without
+    network), then ``create_repo(exist_ok=True)`` and ``upload_folder``. Training state matching
+    ``ignore_patterns`` (optimizer, scheduler, RNG states, ``*.pt``/``*.bin`` pickles) stays local.
+
+    Args:
+        endpoint: Hub URL; default ``HF_ENDPOINT`` (``https://huggingface.co``).
+
+    Returns:
+        The repository URL, e.g. ``https://huggingface.co/USER/NAME``.
+    """
+    from huggingface_hub import HfApi
+
+    folder = validate_checkpoint(checkpoint_dir)
+    if repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"repo_id must be 'NAME' or 'USER/NAME', got {repo_id!r}")
+    token = check_hub_access(token, endpoint)
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_url.repo_id,
+        repo_type="model",
+        commit_message=commit_message or f"Upload CPSL checkpoint {folder.name}",
+        ignore_patterns=list(ignore_patterns),
+    )
+    return str(repo_url)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {what} {path}: {error}") from error
+
+
+def publish_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    repo_id: str,
+    metrics_file: str | os.PathLike | None = None,
+    training_info_file: str | os.PathLike | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    template_path: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Write the model card from the run's metrics, then :func:`push_checkpoint`; returns the repo URL.
+
+    ``metrics_file`` defaults to ``checkpoint_dir/metrics.json`` (the output of ``scripts/evaluate.py
+    --output``) and ``training_info_file`` to ``checkpoint_dir/training_info.json`` (optional). Without a metrics
+    file an existing ``README.md`` is pushed as it is; with neither, it refuses (a checkpoint needs a card).
+    """
+    folder = validate_checkpoint(checkpoint_dir)
+    metrics_path = Path(metrics_file) if metrics_file is not None else folder / METRICS_FILENAME
+    info_path = (
+        Path(training_info_file) if training_info_file is not None else folder / TRAINING_INFO_FILENAME
+    )
+    if metrics_file is not None and not metrics_path.is_file():
+        raise FileNotFoundError(f"metrics file {metrics_path} not found")
+    if training_info_file is not None and not info_path.is_file():
+        raise FileNotFoundError(f"training info file {info_path} not found")
+    if metrics_path.is_file():
+        training_info = _read_json(info_path, "training info") if info_path.is_file() else {}
+        training_info.setdefault("repo_id", repo_id)
+        training_info.setdefault("model_name", repo_id.split("/")[-1])
+        write_model_card(folder, _read_json(metrics_path, "metrics"), training_info, template_path)
+    elif not (folder / "README.md").is_file():
+        raise FileNotFoundError(
+            f"{folder} has no README.md and no {METRICS_FILENAME}: evaluate the checkpoint first "
+            f"(scripts/evaluate.py --output {folder / METRICS_FILENAME}) so that a model card can be written"
+        )
+    return push_checkpoint(
+        folder, repo_id, private=private, token=token, commit_message=commit_message, endpoint=endpoint
+    )
