@@ -36,6 +36,22 @@ _EXPORTS = {
     "strong_augment": "transforms",
     "warp_to_view": "transforms",
     "normalize": "transforms",
+    "to_float": "transforms",
+    "IMAGENET_MEAN": "transforms",
+    "IMAGENET_STD": "transforms",
+    "class_mix": "transforms",
+    "cut_mix": "transforms",
+    "apply_mix_mask": "transforms",
+    "compose": "transforms",
+    "identity_params": "transforms",
+    "WeakView": "transforms",
+    "StrongView": "transforms",
+    "WeakParams": "transforms",
+    "StrongParams": "transforms",
+    "ViewGeometry": "transforms",
+    "MixResult": "transforms",
+    "RANDAUGMENT_OPS": "transforms",
+    "GEOMETRIC_OPS": "transforms",
 }
 
 __all__ = list(_EXPORTS)
