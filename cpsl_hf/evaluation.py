@@ -1,0 +1,514 @@
+"""Streaming mIoU: a confusion matrix accumulated on the device, reduced across processes.
+
+The numbers are those of the Cityscapes benchmark (``cityscapesscripts``' pixel-level evaluation):
+
+- one confusion matrix over the whole split, at label resolution (logits are upsampled bilinearly,
+  ``align_corners=False``, to the label size before the argmax); pixels whose label is ``ignore_index``
+  are left out;
+- ``IoU_c = TP_c / (TP_c + FP_c + FN_c)``, from the summed matrix (not averaged per image);
+- a class with ``TP + FP + FN = 0`` (neither in the ground truth nor predicted anywhere in the split)
+  has no IoU: it is ``NaN`` and left out of the mean, exactly as the official script (which returns
+  ``nan`` and averages over the valid scores) and ``evaluate``'s ``mean_iou`` (``nanmean``) do.
+  A class that is predicted but absent from the ground truth has IoU 0 and counts;
+- per-class accuracy ``TP_c / (TP_c + FN_c)`` (``NaN`` when the class is absent from the ground truth),
+  its mean over the defined classes, and the overall pixel accuracy;
+- for the 16-class SYNTHIA protocol, the 13-class mIoU is the mean of the IoUs of the 13 classes of
+  :data:`cpsl_hf.data.protocols.THIRTEEN_OF_SIXTEEN`, taken from the same 16-class matrix.
+
+The result dictionary uses the keys of ``evaluate``'s ``mean_iou`` (``mean_iou``, ``mean_accuracy``,
+``overall_accuracy``, ``per_category_iou``, ``per_category_accuracy``) plus ``class_names``,
+``num_classes``, ``num_images`` and, for 16 classes, ``mean_iou_13``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cpsl_hf.data import protocols
+from cpsl_hf.inference import predict_logits, unwrap_model
+
+__all__ = [
+    "ConfusionMatrix",
+    "evaluate_model",
+    "evaluate_checkpoint",
+    "load_eval_dataset",
+    "DATASETS",
+    "DEFAULT_SLIDING_WINDOW",
+    "format_metrics_table",
+    "metrics_to_json",
+    "metric_module_path",
+    "protocol_description",
+]
+
+
+class ConfusionMatrix:
+    """A ``num_classes x num_classes`` int64 confusion matrix (rows: ground truth, columns: prediction).
+
+    Updates stay on the device and never synchronise with the host: the counts are a ``bincount`` of
+    ``label * C + prediction`` (on accelerators a ``scatter_add_`` into a fixed-size buffer, because CUDA's
+    ``bincount`` reads the maximum back to the host). Label values other than ``0 .. C-1`` and
+    ``ignore_index`` are counted on the device and reported as an error by :meth:`compute`.
+
+    Args:
+        num_classes: ``C``.
+        ignore_index: label value left out of the matrix (255, the Cityscapes ``ignore``).
+        device: where the matrix lives (default CPU); inputs are moved there.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = protocols.IGNORE_INDEX, device=None):
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counts (and allow updates again after :meth:`reduce`)."""
+        self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=self.device)
+        # [images, labels outside 0..C-1 and != ignore_index, predictions outside 0..C-1]
+        self._counters = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self._reduced = False
+
+    @torch.no_grad()
+    def update(self, logits_or_preds: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            logits_or_preds: float logits ``N x C x h x w`` (any ``h x w``: upsampled bilinearly,
+                ``align_corners=False``, to the label size, then argmax'ed), or integer predicted class
+                ids ``N x H x W`` at label size.
+            labels: integer ``N x H x W`` train ids in ``0 .. C-1``, ``ignore_index`` where unlabelled.
+        """
+        if self._reduced:
+            raise RuntimeError(
+                "ConfusionMatrix.update() after reduce(): call reset() to start a new evaluation"
+            )
+        if labels.dim() != 3 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be an integer tensor N x H x W, got {labels.dtype} {tuple(labels.shape)}"
+            )
+        labels = labels.to(self.device, non_blocking=True).long()
+        predictions = self._predictions(logits_or_preds, labels.shape)
+        count = self.num_classes * self.num_classes
+        labelled = labels != self.ignore_index
+        label_ok = (labels >= 0) & (labels < self.num_classes)
+        prediction_ok = (predictions >= 0) & (predictions < self.num_classes)
+        counted = labelled & label_ok & prediction_ok
+        index = torch.where(counted, labels * self.num_classes + predictions, count).flatten()
+        counts = _histogram(index, count + 1)
+        self.matrix += counts[:count].view(self.num_classes, self.num_classes)
+        self._counters[0] += labels.shape[0]
+        self._counters[1] += (labelled & ~label_ok).sum()
+        self._counters[2] += (labelled & label_ok & ~prediction_ok).sum()
+
+    def _predictions(self, logits_or_preds: torch.Tensor, label_shape: torch.Size) -> torch.Tensor:
+        if logits_or_preds.dtype.is_floating_point:
+            if logits_or_preds.dim() != 4 or logits_or_preds.shape[0] != label_shape[0]:
+                raise ValueError(
+                    f"logits must be N x C x h x w with N={label_shape[0]} (the labels' batch size), "
+                    f"got {tuple(logits_or_preds.shape)}"
+                )
+            if logits_or_preds.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"logits have {logits_or_preds.shape[1]} classes, the confusion matrix {self.num_classes}"
+                )
+            logits = logits_or_preds.to(self.device, non_blocking=True)
+            if logits.shape[-2:] != label_shape[-2:]:
+                logits = F.interpolate(
+                    logits.float(), size=label_shape[-2:], mode="bilinear", align_corners=False
+                )
+            return logits.argmax(1)
+        if tuple(logits_or_preds.shape) != tuple(label_shape):
+            raise ValueError(
+                f"predicted class ids must have the labels' shape {tuple(label_shape)}, "
+                f"got {tuple(logits_or_preds.shape)} (pass float logits N x C x h x w to have them upsampled)"
+            )
+        return logits_or_preds.to(self.device, non_blocking=True).long()
+
+    def reduce(self) -> ConfusionMatrix:
+        """Sum the matrices of all processes (``torch.distributed`` all-reduce, any backend) in place.
+
+        A no-op without an initialised process group or when called again. Every process must call it.
+        """
+        if self._reduced:
+            return self
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            packed = torch.cat([self.matrix.flatten(), self._counters])
+            if dist.get_backend() == "nccl" and packed.device.type != "cuda":
+                packed = packed.cuda()
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            packed = packed.to(self.device)
+            count = self.num_classes * self.num_classes
+            self.matrix = packed[:count].view(self.num_classes, self.num_classes).clone()
+            self._counters = packed[count:].clone()
+        self._reduced = True
+        return self
+
+    def compute(self, class_names: Sequence[str] | None = None) -> dict:
+        """Metrics of the accumulated matrix (call :meth:`reduce` first under data parallelism).
+
+        Args:
+            class_names: ``C`` names; default the protocol's Cityscapes names for 19, 16 or 13 classes,
+                else ``"0" .. "C-1"``.
+
+        Returns:
+            ``mean_iou``, ``mean_accuracy``, ``overall_accuracy`` (floats in [0, 1], ``NaN`` if undefined),
+            ``per_category_iou``, ``per_category_accuracy`` (lists of ``C`` floats, ``NaN`` for classes
+            without IoU / absent from the ground truth), ``class_names``, ``num_classes``, ``num_images``
+            and, when ``C == 16``, ``mean_iou_13``.
+
+        Raises:
+            ValueError: some labels were outside ``0 .. C-1`` without being ``ignore_index``, or some
+                predicted class ids were outside ``0 .. C-1``.
+        """
+        num_images, bad_labels, bad_predictions = (int(value) for value in self._counters.cpu())
+        if bad_labels:
+            raise ValueError(
+                f"{bad_labels} label pixels were outside 0..{self.num_classes - 1} and not the ignore index "
+                f"{self.ignore_index}: wrong label protocol (num_classes={self.num_classes}) or unconverted label ids?"
+            )
+        if bad_predictions:
+            raise ValueError(f"{bad_predictions} predicted class ids were outside 0..{self.num_classes - 1}")
+        names = list(class_names) if class_names is not None else _default_class_names(self.num_classes)
+        if len(names) != self.num_classes:
+            raise ValueError(f"class_names has {len(names)} entries, expected {self.num_classes}")
+        matrix = self.matrix.cpu().double()
+        true_positives = matrix.diagonal()
+        ground_truth = matrix.sum(1)
+        predicted = matrix.sum(0)
+        union = ground_truth + predicted - true_positives
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        iou = torch.where(union > 0, true_positives / union.clamp_min(1), nan)
+        accuracy = torch.where(ground_truth > 0, true_positives / ground_truth.clamp_min(1), nan)
+        total = ground_truth.sum()
+        metrics = {
+            "mean_iou": _nanmean(iou),
+            "mean_accuracy": _nanmean(accuracy),
+            "overall_accuracy": float(true_positives.sum() / total) if total > 0 else float("nan"),
+            "per_category_iou": iou.tolist(),
+            "per_category_accuracy": accuracy.tolist(),
+            "class_names": names,
+            "num_classes": self.num_classes,
+            "num_images": num_images,
+        }
+        if self.num_classes == 16:
+            metrics["mean_iou_13"] = _nanmean(iou[list(protocols.THIRTEEN_OF_SIXTEEN)])
+        return metrics
+
+
+def _histogram(index: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Counts of each value of a flat int64 ``index`` in ``0 .. num_bins - 1`` -> int64 ``num_bins``.
+
+    ``torch.bincount`` on CPU (fastest there); elsewhere a ``scatter_add_`` into a fixed-size buffer, since
+    CUDA's ``bincount`` reads the maximum value back to the host (a synchronisation per update).
+    """
+    if index.device.type == "cpu":
+        return torch.bincount(index, minlength=num_bins)
+    return _scatter_histogram(index, num_bins)
+
+
+def _scatter_histogram(index: torch.Tensor, num_bins: int) -> torch.Tensor:
+    counts = torch.zeros(num_bins, dtype=torch.int64, device=index.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    defined = values[~values.isnan()]
+    return float(defined.mean()) if defined.numel() else float("nan")
+
+
+def _default_class_names(num_classes: int) -> list[str]:
+    if num_classes in protocols.SUPPORTED_NUM_CLASSES:
+        return protocols.class_names(num_classes)
+    return [str(index) for index in range(num_classes)]
+
+
+def protocol_description(num_classes: int) -> str:
+    """Human-readable name of the label protocol of ``num_classes``."""
+    return {
+        19: "19 classes (GTA5 -> Cityscapes, Cityscapes train ids)",
+        16: "16 classes (SYNTHIA -> Cityscapes); mean_iou_13 over the 13-class subset",
+        13: "13 classes (SYNTHIA -> Cityscapes subset)",
+    }.get(num_classes, f"{num_classes} classes")
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: Iterable[dict],
+    num_classes: int,
+    device=None,
+    flip: bool = False,
+    sliding_window: tuple[int, int, int, int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict:
+    """mIoU of ``model`` over ``loader``, reduced across processes.
+
+    Args:
+        model: a segmentation model (``DistributedDataParallel``-wrapped is fine: the bare module is run).
+            It is put in eval mode for the pass and restored to its previous mode afterwards. Inputs are
+            normalised here (:func:`cpsl_hf.inference.predict_logits`).
+        loader: batches ``{"pixel_values": uint8 N x 3 x H x W, "labels": int64 N x H x W, ...}``; under
+            data parallelism each process's loader must hold its own shard so that every sample is seen
+            once (``build_eval_loader(..., process_index, num_processes)``).
+        num_classes: ``C`` (19, 16 or 13 for the benchmarks).
+        device: where to run; default the model's device (the model is moved if they differ).
+        flip, sliding_window, autocast_dtype: see :func:`cpsl_hf.inference.predict_logits`
+            (defaults: whole image, no flip, full precision).
+        progress: show a progress bar (main process only).
+
+    Returns:
+        :meth:`ConfusionMatrix.compute` of the matrix summed over all processes (identical on every process).
+    """
+    model = unwrap_model(model)
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+    model.to(device)
+    confusion = ConfusionMatrix(num_classes, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in _progress(loader, enabled=progress):
+                logits = predict_logits(
+                    model,
+                    batch["pixel_values"],
+                    flip=flip,
+                    sliding_window=sliding_window,
+                    autocast_dtype=autocast_dtype,
+                )
+                confusion.update(logits, batch["labels"])
+    finally:
+        model.train(was_training)
+    return confusion.reduce().compute()
+
+
+def _progress(loader: Iterable, enabled: bool):
+    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not (enabled and main_process):
+        return loader
+    from tqdm.auto import tqdm
+
+    try:
+        total = len(loader)
+    except TypeError:  # generators, streaming loaders
+        total = None
+    return tqdm(loader, total=total, desc="evaluating", unit="batch", dynamic_ncols=True)
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """A plain-text table: one row per class (IoU, accuracy, in %) and the summary rows."""
+    width = max(len("mIoU (13 classes)"), *(len(name) for name in metrics["class_names"]))
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'acc':>6}", "-" * (width + 16)]
+    for name, iou, accuracy in zip(
+        metrics["class_names"], metrics["per_category_iou"], metrics["per_category_accuracy"]
+    ):
+        lines.append(f"{name:<{width}}  {_percent(iou):>6}  {_percent(accuracy):>6}")
+    lines.append("-" * (width + 16))
+    lines.append(
+        f"{'mIoU':<{width}}  {_percent(metrics['mean_iou']):>6}  {_percent(metrics['mean_accuracy']):>6}"
+    )
+    if "mean_iou_13" in metrics:
+        lines.append(f"{'mIoU (13 classes)':<{width}}  {_percent(metrics['mean_iou_13']):>6}")
+    lines.append(f"{'overall accuracy':<{width}}  {'':>6}  {_percent(metrics['overall_accuracy']):>6}")
+    return "\n".join(lines)
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def metrics_to_json(metrics: dict, path: str | os.PathLike | None = None, **extra) -> str:
+    """Serialise metrics (plus ``extra`` fields) as strict JSON: ``NaN`` becomes ``null``.
+
+    Writes ``path`` (creating its folder) when given; returns the JSON text.
+    """
+    payload = _nan_to_none({**metrics, **extra})
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    return value
+
+
+DATASETS = ("cityscapes", "gta5", "synthia", "synthetic", "prepared")
+"""Dataset names accepted by :func:`load_eval_dataset` and ``scripts/evaluate.py --dataset``."""
+
+DEFAULT_SLIDING_WINDOW = (1024, 1024, 768, 768)
+"""Window of ``--sliding_window`` given without a value: SegFormer's Cityscapes setting (crop, stride)."""
+
+_AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_eval_dataset(
+    dataset: str,
+    data_dir: str | os.PathLike | None,
+    split: str = "val",
+    num_classes: int = 19,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+):
+    """The evaluation split of a named dataset, as a ``datasets`` dataset with image / label / name.
+
+    - ``cityscapes``: ``data_dir`` holds ``leftImg8bit/{split}`` and ``gtFine/{split}`` (``split`` "val").
+    - ``gta5`` / ``synthia``: the whole folder ``data_dir`` (these datasets have no official split).
+    - ``synthetic``: the built-in synthetic *target* domain (``split`` "val"/"validation" or "train");
+      ``data_dir`` is its cache folder (optional).
+    - ``prepared``: a dataset written by ``scripts/prepare_dataset.py``; ``data_dir`` is its folder or Hub
+      dataset repo id, ``split`` its split name, streamed.
+    """
+    from cpsl_hf.data import readers
+
+    if dataset not in DATASETS:
+        raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if dataset == "synthetic":
+        from cpsl_hf.data.synthetic import load_synthetic
+
+        if num_classes != 19:
+            raise ValueError(f"--dataset synthetic has 19 classes, got --num_classes {num_classes}")
+        synthetic_split = "validation" if split in ("val", "validation") else split
+        return load_synthetic(domain="target", split=synthetic_split, cache_dir=data_dir)
+    if data_dir is None:
+        raise ValueError(f"--dataset {dataset} needs --data_dir (the dataset folder)")
+    if dataset == "prepared":
+        return readers.load_prepared(data_dir, split=split, streaming=True)
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(
+            f"--data_dir {data_dir}: no such folder (expected the {dataset} dataset root)"
+        )
+    options = {"num_classes": num_classes, "cache_dir": cache_dir, "progress": progress}
+    if dataset == "cityscapes":
+        return readers.load_cityscapes(data_dir, split=split, **options)
+    if dataset == "gta5":
+        return readers.load_gta5(data_dir, **options)
+    return readers.load_synthia(data_dir, **options)
+
+
+def evaluate_checkpoint(
+    model: str | os.PathLike,
+    dataset: str = "cityscapes",
+    data_dir: str | os.PathLike | None = None,
+    split: str = "val",
+    num_classes: int = 19,
+    batch_size: int = 1,
+    flip: bool = False,
+    sliding_window: tuple[int, int, int, int] | None = None,
+    mixed_precision: str = "no",
+    image_size: tuple[int, int] | None = None,
+    max_samples: int | None = None,
+    output: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate a checkpoint (folder or Hub id) on a dataset split; the engine of ``scripts/evaluate.py``.
+
+    Runs on every process started by ``accelerate launch`` / ``torchrun`` (``Accelerator(cpu=True)`` when
+    there is no GPU, so CPU processes form a gloo group): each process evaluates its shard and the
+    confusion matrices are summed, so the numbers equal a one-process run. The main process prints the
+    per-class table and writes ``output`` (strict JSON, ``NaN`` as ``null``).
+
+    Args:
+        mixed_precision: "no" (default), "fp16" or "bf16": autocast dtype of the forward passes.
+        image_size: resize images (bilinear) and labels (nearest) to ``(H, W)``; default: original sizes,
+            as the benchmark requires.
+        max_samples: evaluate only the first samples of the split (quick checks).
+        Others: see :func:`load_eval_dataset`, :func:`evaluate_model`.
+
+    Returns:
+        the metrics of :meth:`ConfusionMatrix.compute` plus ``protocol``, ``model``, ``dataset``, ``split``,
+        ``inference`` (flip, sliding_window, mixed_precision, image_size) and ``num_processes``.
+    """
+    from accelerate import Accelerator
+
+    from cpsl_hf.data.loading import build_eval_loader
+    from cpsl_hf.inference import load_model
+
+    if mixed_precision not in _AUTOCAST_DTYPES:
+        raise ValueError(
+            f"--mixed_precision {mixed_precision!r}: expected one of {', '.join(_AUTOCAST_DTYPES)}"
+        )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    segmenter = load_model(model, device=accelerator.device, trust_remote_code=trust_remote_code)
+    model_classes = getattr(segmenter.config, "num_labels", None)
+    if model_classes != num_classes:
+        raise ValueError(
+            f"--num_classes {num_classes} but the model {model} predicts {model_classes} classes; "
+            f"pass --num_classes {model_classes} (19: GTA5 protocol, 16: SYNTHIA protocol)"
+        )
+    with accelerator.main_process_first():  # the main process builds the dataset cache, the others read it
+        data = load_eval_dataset(
+            dataset,
+            data_dir,
+            split,
+            num_classes,
+            cache_dir,
+            progress=progress and accelerator.is_main_process,
+        )
+    if max_samples is not None:
+        data = data.take(max_samples)
+    loader = build_eval_loader(
+        data,
+        batch_size=batch_size,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        image_size=image_size,
+    )
+    metrics = evaluate_model(
+        segmenter,
+        loader,
+        num_classes,
+        device=accelerator.device,
+        flip=flip,
+        sliding_window=sliding_window,
+        autocast_dtype=_AUTOCAST_DTYPES[mixed_precision],
+        progress=progress,
+    )
+    metrics.update(
+        protocol=protocol_description(num_classes),
+        model=str(model),
+        dataset=dataset,
+        split=split,
+        inference={
+            "flip": flip,
+            "sliding_window": list(sliding_window) if sliding_window else None,
+            "mixed_precision": mixed_precision,
+            "image_size": list(image_size) if image_size else None,
+        },
+        num_processes=accelerator.num_processes,
+    )
+    if accelerator.is_main_process:
+        print(f"{dataset} {split}: {metrics['num_images']} images, {metrics['protocol']}")
+        print(format_metrics_table(metrics))
+        if output is not None:
+            metrics_to_json(metrics, output)
+            print(f"metrics written to {output}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def metric_module_path() -> str:
+    """Path of the ``evaluate`` metric module on this code: ``evaluate.load(metric_module_path())``."""
+    return str(Path(__file__).resolve().parent / "metrics" / "cpsl_mean_iou")
