@@ -26,6 +26,12 @@ _EXPORTS = {
     "load_cityscapes": "readers",
     "load_prepared": "readers",
     "BadSampleError": "readers",
+    "BadSample": "readers",
+    "DataReport": "readers",
+    "LayoutError": "readers",
+    "load_dataset_by_name": "readers",
+    "prepare_dataset": "prepare",
+    "EndlessLoader": "loading",
     # the built-in synthetic domain shift
     "load_synthetic": "synthetic",
     # loaders
