@@ -1,0 +1,41 @@
+"""CPSL's self-labeling core in plain torch: a plug-in for any self-training loop.
+
+- :func:`sinkhorn`: class-balanced Sinkhorn-Knopp (float32+, autocast-proof, zero-mass rows for a filling bank).
+- :class:`MemoryBank`: FIFO ring buffer with a device-side pointer.
+- :func:`class_balanced_sample`, :func:`uniform_sample`: static-shape per-image pixel sampling.
+- :class:`ClassPrior`, :func:`class_histogram`, :func:`rectify`: distribution alignment and pseudo-label rectification.
+- :func:`prototypes_from_features`, :class:`PrototypeAccumulator`: class-mean prototype initialisation.
+- losses: :func:`self_labeling_loss`, :func:`symmetric_kl`, :func:`one_way_kl`, :func:`rce_loss`,
+  :func:`symmetric_ce_loss`.
+- :class:`SelfLabeling`: the whole per-step algorithm, returning :class:`SelfLabelingOutput`.
+"""
+
+from .distributed import all_gather_rows, all_reduce_sum
+from .losses import one_way_kl, rce_loss, self_labeling_loss, symmetric_ce_loss, symmetric_kl
+from .memory import MemoryBank
+from .module import SelfLabeling, SelfLabelingOutput
+from .prior import ClassPrior, class_histogram, rectify
+from .prototypes import PrototypeAccumulator, prototypes_from_features
+from .sampling import class_balanced_sample, uniform_sample
+from .sinkhorn import sinkhorn
+
+__all__ = [
+    "ClassPrior",
+    "MemoryBank",
+    "PrototypeAccumulator",
+    "SelfLabeling",
+    "SelfLabelingOutput",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "class_balanced_sample",
+    "class_histogram",
+    "one_way_kl",
+    "prototypes_from_features",
+    "rce_loss",
+    "rectify",
+    "self_labeling_loss",
+    "sinkhorn",
+    "symmetric_ce_loss",
+    "symmetric_kl",
+    "uniform_sample",
+]
