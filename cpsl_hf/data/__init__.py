@@ -34,6 +34,7 @@ _EXPORTS = {
     "EndlessLoader": "loading",
     # the built-in synthetic domain shift
     "load_synthetic": "synthetic",
+    "generate_synthetic": "synthetic",
     # loaders
     "build_train_loader": "loading",
     "build_eval_loader": "loading",
