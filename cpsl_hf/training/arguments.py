@@ -1,0 +1,532 @@
+"""Command-line and YAML arguments of the UDA trainer.
+
+Four ``HfArgumentParser`` dataclasses describe a run completely:
+
+- :class:`ModelArguments`: the network (a preset name, a pretrained encoder, or a full CPSL checkpoint).
+- :class:`DataArguments`: source and target datasets, label protocol, image and crop sizes.
+- :class:`CPSLArguments`: every knob of the CPSL algorithm (SPEC.md), reference values as defaults.
+- :class:`UDATrainingArguments`: schedule, optimiser, precision, logging, checkpoints, export.
+
+The dataclass defaults ARE the built-in demo (``configs/synthetic_demo.yaml`` repeats them), so
+``accelerate launch scripts/train.py`` with no argument runs the synthetic demo. A recipe is loaded with
+``--config configs/NAME.yaml`` and any command-line flag overrides it (the command line wins).
+
+Configuration that cannot work is rejected before anything is trained, with a message naming the argument:
+:func:`validate_arguments` checks names, ranges and folders; :func:`validate_against_datasets` checks the
+label protocol and crop size against the loaded datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+KNOWN_DATASETS = ("synthetic", "gta5", "synthia", "cityscapes")
+"""Dataset names with a built-in reader; anything else must be a prepared folder or a Hub repo id."""
+
+SUPPORTED_NUM_CLASSES = {
+    "synthetic": (19,),
+    "gta5": (19, 16, 13),
+    "synthia": (16, 13),
+    "cityscapes": (19, 16, 13),
+}
+"""Label protocols each built-in reader can produce."""
+
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigurationError(ValueError):
+    """A configuration that cannot work; the message names the offending argument."""
+
+
+@dataclass
+class ModelArguments:
+    """Which network is adapted."""
+
+    backbone: str = field(
+        default="segformer-tiny",
+        metadata={
+            "help": "A CPSLConfig preset name (segformer-tiny, segformer-b0..b5, deeplabv2-r101) with random "
+            "weights, or the Hub id / local folder of a pretrained encoder (nvidia/mit-b5, microsoft/resnet-101) "
+            "whose weights initialise the backbone (decode head random)."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from a full CPSL checkpoint (folder or Hub id), e.g. a finished warm-up model; "
+            "overrides --backbone for the weights. Combine with --warmup_steps 0 to skip the warm-up."
+        },
+    )
+    embedding_dim: int | None = field(
+        default=None, metadata={"help": "Override the pixel-embedding size D of the preset."}
+    )
+    sl_temperature: float = field(
+        default=0.08, metadata={"help": "Temperature tau of the self-labeling cosine classifier."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Source (labelled) and target (unlabelled) domains."""
+
+    source: str = field(
+        default="synthetic",
+        metadata={
+            "help": "Source dataset: synthetic | gta5 | synthia | cityscapes (with --source_dir), or a prepared "
+            "folder / Hub dataset repo id written by scripts/prepare_dataset.py."
+        },
+    )
+    source_dir: str | None = field(default=None, metadata={"help": "Local folder of the source dataset."})
+    target: str = field(
+        default="synthetic",
+        metadata={"help": "Target dataset (same forms as --source); its validation split is evaluated."},
+    )
+    target_dir: str | None = field(default=None, metadata={"help": "Local folder of the target dataset."})
+    target_train_split: str = field(default="train", metadata={"help": "Target split adapted on."})
+    target_val_split: str = field(default="val", metadata={"help": "Target split evaluated on."})
+    num_classes: int = field(
+        default=19, metadata={"help": "Label protocol: 19 (GTA5), 16 or 13 (SYNTHIA) classes."}
+    )
+    source_resize: list[int] | None = field(
+        default=None,
+        metadata={"nargs": 2, "help": "Resize source images to H W before cropping (None: keep size)."},
+    )
+    target_resize: list[int] | None = field(
+        default=None,
+        metadata={"nargs": 2, "help": "Resize target training images to H W before cropping (None: keep)."},
+    )
+    eval_resize: list[int] | None = field(
+        default=None,
+        metadata={
+            "nargs": 2,
+            "help": "Resize target validation images to H W for inference (None: original size). Labels stay "
+            "at their original resolution: mIoU is always computed at label resolution.",
+        },
+    )
+    crop_size: list[int] = field(
+        default_factory=lambda: [128, 128], metadata={"nargs": 2, "help": "Training crop H W."}
+    )
+    scale_range: list[float] = field(
+        default_factory=lambda: [0.5, 1.5], metadata={"nargs": 2, "help": "Random rescale range."}
+    )
+    source_augment: Literal["weak", "photometric"] = field(
+        default="photometric",
+        metadata={
+            "help": "Source crops: weak (rescale, crop, flip; the reference) or photometric (also the colour "
+            "ops of the strong view: jitter, blur, photometric RandAugment; no geometry, no cutout)."
+        },
+    )
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process."})
+    streaming: bool = field(default=False, metadata={"help": "Stream prepared datasets instead of loading."})
+    max_eval_images: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N validation images only (None: all)."}
+    )
+    synthetic_train_images: int = field(
+        default=400, metadata={"help": "Synthetic shift: training images per domain."}
+    )
+    synthetic_val_images: int = field(default=100, metadata={"help": "Synthetic shift: validation images."})
+    synthetic_image_size: list[int] = field(
+        default_factory=lambda: [128, 256], metadata={"nargs": 2, "help": "Synthetic shift: image H W."}
+    )
+    synthetic_seed: int = field(default=0, metadata={"help": "Synthetic shift: generator seed."})
+    synthetic_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache folder of the generated synthetic datasets."}
+    )
+
+
+@dataclass
+class CPSLArguments:
+    """The CPSL algorithm (SPEC.md). Defaults are the paper's; "reference" values reproduce the published code."""
+
+    ema_momentum: float = field(default=0.999, metadata={"help": "EMA momentum m of the teacher and W'."})
+    ema_ramp: bool = field(
+        default=False, metadata={"help": "Ramp the EMA momentum as min(1 - 1/(t+1), m) over CPSL steps t."}
+    )
+    sinkhorn_epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn entropic regularisation eps."})
+    sinkhorn_iterations: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations."})
+    samples_per_image: int = field(default=256, metadata={"help": "M: pixels sampled per target image."})
+    bank_size: int = field(default=65536, metadata={"help": "Memory bank (FIFO queue) size."})
+    sampling: Literal["class_balanced", "uniform"] = field(
+        default="class_balanced",
+        metadata={"help": "Pixel sampling: class_balanced (paper Eq. 9) or uniform (reference code)."},
+    )
+    prior: Literal["dynamic", "static"] = field(
+        default="dynamic",
+        metadata={"help": "Class prior r: dynamic moving average (paper) or static (reference code)."},
+    )
+    prior_momentum: float = field(default=0.999, metadata={"help": "alpha of the dynamic prior update."})
+    rectify_threshold: float = field(
+        default=0.0, metadata={"help": "Ignore pixels whose normalised P_SL*P_ST maximum is below this."}
+    )
+    lambda_sl: float = field(default=0.1, metadata={"help": "Weight lambda_1 of the self-labeling loss."})
+    lambda_reg: float = field(default=5.0, metadata={"help": "Weight lambda_2 of the consistency loss."})
+    consistency: Literal["symmetric", "reference"] = field(
+        default="symmetric",
+        metadata={
+            "help": "symmetric: KL(P_w||P_s)+KL(P_s||P_w) of the segmentation softmax (paper Eq. 13); "
+            "reference: one-direction KL of the self-labeling head (published code)."
+        },
+    )
+    target_loss: Literal["ce", "ce+rce"] = field(
+        default="ce", metadata={"help": "Target loss: ce, or 0.1 CE + 1.0 RCE (reference code)."}
+    )
+    sl_grad_to_student_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Let L_SL reach the student's embeddings (costs a student pass on the weak view); "
+            "default: L_SL trains W only, on teacher embeddings (reference)."
+        },
+    )
+    sl_logits_branch: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the reference code's second Sinkhorn branch on the teacher's normalised logits."
+        },
+    )
+    pseudo_labels: Literal["online", "offline"] = field(
+        default="online",
+        metadata={
+            "help": "P_ST online from the EMA teacher on the weak view, or offline: the frozen warm-up model's "
+            "softmax precomputed once over the target set (stored uint8-quantised)."
+        },
+    )
+    init_max_images: int | None = field(
+        default=None,
+        metadata={"help": "Target images used to initialise prototypes and prior (None: the whole set)."},
+    )
+    mix: Literal["none", "classmix", "cutmix"] = field(
+        default="none", metadata={"help": "Mix source crops into the strong target view."}
+    )
+    mix_prob: float = field(default=0.5, metadata={"help": "Probability of mixing a target image."})
+
+
+@dataclass
+class UDATrainingArguments:
+    """Schedule, optimisation, logging, checkpoints and export."""
+
+    config: str | None = field(
+        default=None, metadata={"help": "YAML recipe (configs/NAME.yaml); command-line flags override it."}
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where everything is written; default outputs/<source>_to_<target>_<backbone>."},
+    )
+    warmup_steps: int = field(default=400, metadata={"help": "Source-only warm-up iterations."})
+    cpsl_steps: int = field(default=300, metadata={"help": "CPSL self-training iterations."})
+    source_batch_size: int = field(default=8, metadata={"help": "Source images per process and step."})
+    target_batch_size: int = field(default=8, metadata={"help": "Target images per process and step."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Validation images per process and batch."})
+    optimizer: Literal["sgd", "adamw"] = field(default="adamw", metadata={"help": "sgd (momentum) or adamw."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Backbone learning rate."})
+    head_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "Decode head, classifier and prototypes W: learning_rate x this."}
+    )
+    cpsl_lr_scale: float = field(
+        default=1.0, metadata={"help": "Learning rates of the CPSL stage relative to the warm-up."}
+    )
+    weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay."})
+    sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999], metadata={"nargs": 2, "help": "AdamW betas."}
+    )
+    lr_warmup_steps: int = field(
+        default=50, metadata={"help": "Linear learning-rate warm-up at the start of each stage."}
+    )
+    poly_power: float = field(default=0.9, metadata={"help": "Polynomial learning-rate decay power."})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Gradient clipping (None: off)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "Autocast precision (Sinkhorn always runs in float32)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    deterministic: bool = field(
+        default=False, metadata={"help": "torch.use_deterministic_algorithms: bit-exact resumes."}
+    )
+    logging_steps: int = field(default=25, metadata={"help": "Log losses and diagnostics every N steps."})
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N steps (None: at the end of each stage only)."}
+    )
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "Save a resumable checkpoint every N steps (None: never)."}
+    )
+    checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the last K checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, or 'latest' (newest complete one in output_dir)."},
+    )
+    stop_at_step: int | None = field(
+        default=None,
+        metadata={"help": "Stop (after saving a checkpoint) once this global step is reached; resume later."},
+    )
+    report_to: Literal["tensorboard", "wandb", "none"] = field(
+        default="none", metadata={"help": "Experiment tracker."}
+    )
+    progress_bar: bool = field(default=True, metadata={"help": "Show progress bars (main process only)."})
+    eval_teacher: bool = field(default=True, metadata={"help": "Also evaluate the EMA teacher."})
+    export_model: Literal["student", "teacher"] = field(
+        default="student", metadata={"help": "Which network is saved as the final model."}
+    )
+    save_predictions: int = field(
+        default=0, metadata={"help": "Save N side-by-side prediction strips after the final evaluation."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final model and card to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, CPSLArguments, UDATrainingArguments)
+
+
+@dataclass
+class RunArguments:
+    """All four argument groups of one run."""
+
+    model: ModelArguments
+    data: DataArguments
+    cpsl: CPSLArguments
+    training: UDATrainingArguments
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (for metrics.json, trackers and the model card)."""
+        return {
+            name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "cpsl", "training")
+        }
+
+
+def _field_names() -> dict[str, type]:
+    return {f.name: cls for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe into a flat ``{argument: value}`` dict.
+
+    The file may be flat or grouped in sections (``model:``, ``data:``, ``cpsl:``, ``training:``); every key
+    must be a known argument. Raises :class:`ConfigurationError` naming ``--config`` or the unknown key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"--config: no such file {str(path)!r}")
+    with open(path) as handle:
+        content = yaml.safe_load(handle) or {}
+    if not isinstance(content, dict):
+        raise ConfigurationError(f"--config {path}: expected a mapping of argument names to values")
+    known = _field_names()
+    flat: dict[str, Any] = {}
+    for key, value in content.items():
+        if key in ("model", "data", "cpsl", "training") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(known))
+    if unknown:
+        raise ConfigurationError(f"--config {path}: unknown argument(s) {', '.join(unknown)}")
+    if "config" in flat:
+        raise ConfigurationError(f"--config {path}: a config file cannot name another config")
+    return flat
+
+
+def parse_args(argv: list[str] | None = None) -> RunArguments:
+    """Parse ``argv`` (default ``sys.argv[1:]``): ``--config FILE`` values first, command-line flags on top.
+
+    Runs :func:`validate_arguments` on the result, so configuration errors surface before any model or
+    dataset is built.
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if known.config is not None:
+        parser.set_defaults(**load_config_file(known.config))
+    model_args, data_args, cpsl_args, training_args = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False
+    )
+    args = RunArguments(model_args, data_args, cpsl_args, training_args)
+    validate_arguments(args)
+    return args
+
+
+def default_output_dir(args: RunArguments) -> str:
+    """``outputs/<source>_to_<target>_<backbone>`` with path separators made safe."""
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^\w.-]+", "-", Path(text).name if os.path.isdir(text) else text).strip("-")
+
+    backbone = args.model.model_name_or_path or args.model.backbone
+    return os.path.join("outputs", f"{slug(args.data.source)}_to_{slug(args.data.target)}_{slug(backbone)}")
+
+
+def dataset_kind(name: str) -> str:
+    """``name`` -> one of KNOWN_DATASETS, ``"prepared_dir"`` (a local folder) or ``"hub"`` (a repo id)."""
+    if name in KNOWN_DATASETS:
+        return name
+    if os.path.isdir(name):
+        return "prepared_dir"
+    if _HUB_REPO_ID.match(name):
+        return "hub"
+    return "unknown"
+
+
+def _check_dataset(flag: str, name: str, directory: str | None, num_classes: int) -> None:
+    kind = dataset_kind(name)
+    if kind == "unknown":
+        raise ConfigurationError(
+            f"--{flag}: unknown dataset {name!r}; expected one of {', '.join(KNOWN_DATASETS)}, "
+            "a folder written by scripts/prepare_dataset.py, or a Hub dataset repo id (owner/name)"
+        )
+    if kind in ("gta5", "synthia", "cityscapes"):
+        if directory is None:
+            raise ConfigurationError(f"--{flag}_dir: --{flag} {name} needs the dataset's local folder")
+        if not os.path.isdir(directory):
+            raise ConfigurationError(f"--{flag}_dir: folder {directory!r} does not exist (--{flag} {name})")
+    if kind in SUPPORTED_NUM_CLASSES and num_classes not in SUPPORTED_NUM_CLASSES[kind]:
+        allowed = " or ".join(str(n) for n in SUPPORTED_NUM_CLASSES[kind])
+        raise ConfigurationError(
+            f"--num_classes {num_classes} disagrees with --{flag} {name}, which provides {allowed} classes"
+        )
+
+
+def _check_pair(flag: str, values: list | None, positive: bool = True) -> None:
+    if values is None:
+        return
+    if len(values) != 2 or (positive and any(v <= 0 for v in values)):
+        raise ConfigurationError(f"--{flag}: expected two positive numbers, got {values}")
+
+
+def _check_choices(args: RunArguments) -> None:
+    """Literal-typed arguments hold one of their choices (values from a YAML file bypass argparse)."""
+    for group in (args.model, args.data, args.cpsl, args.training):
+        for name, hint in typing.get_type_hints(type(group)).items():
+            if typing.get_origin(hint) is Literal and getattr(group, name) not in typing.get_args(hint):
+                choices = " | ".join(typing.get_args(hint))
+                raise ConfigurationError(f"--{name} {getattr(group, name)!r}: expected one of {choices}")
+
+
+def validate_arguments(args: RunArguments) -> None:
+    """Reject configurations that cannot work, before anything is built. Fills ``output_dir`` if unset.
+
+    Raises:
+        ConfigurationError: with a message that names the argument (``--source``, ``--crop_size``, ...).
+    """
+    data, cpsl, training = args.data, args.cpsl, args.training
+    _check_choices(args)
+    if data.num_classes not in (19, 16, 13):
+        raise ConfigurationError(f"--num_classes {data.num_classes}: supported protocols are 19, 16 and 13")
+    _check_dataset("source", data.source, data.source_dir, data.num_classes)
+    _check_dataset("target", data.target, data.target_dir, data.num_classes)
+    for name in ("crop_size", "source_resize", "target_resize", "eval_resize", "synthetic_image_size"):
+        _check_pair(name, getattr(data, name))
+    _check_pair("scale_range", data.scale_range)
+    if data.scale_range[0] > data.scale_range[1]:
+        raise ConfigurationError(f"--scale_range: minimum above maximum ({data.scale_range})")
+    for name, resize in (("source_resize", data.source_resize), ("target_resize", data.target_resize)):
+        if resize is not None and (data.crop_size[0] > resize[0] or data.crop_size[1] > resize[1]):
+            raise ConfigurationError(
+                f"--crop_size {data.crop_size[0]} {data.crop_size[1]} is larger than --{name} "
+                f"{resize[0]} {resize[1]}"
+            )
+    if data.source == "synthetic" or data.target == "synthetic":
+        height, width = data.synthetic_image_size
+        if data.crop_size[0] > height or data.crop_size[1] > width:
+            raise ConfigurationError(
+                f"--crop_size {data.crop_size[0]} {data.crop_size[1]} is larger than the synthetic images "
+                f"(--synthetic_image_size {height} {width})"
+            )
+    for name in ("warmup_steps", "cpsl_steps"):
+        if getattr(training, name) < 0:
+            raise ConfigurationError(f"--{name} must be >= 0")
+    if training.warmup_steps + training.cpsl_steps == 0:
+        raise ConfigurationError("--warmup_steps and --cpsl_steps are both 0: nothing to train")
+    for name in (
+        "source_batch_size",
+        "target_batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+    ):
+        if getattr(training, name) < 1:
+            raise ConfigurationError(f"--{name} must be >= 1")
+    for name in ("eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_at_step"):
+        value = getattr(training, name)
+        if value is not None and value < 1:
+            raise ConfigurationError(f"--{name} must be >= 1 (or unset)")
+    if training.learning_rate <= 0:
+        raise ConfigurationError("--learning_rate must be positive")
+    if not 0.0 <= cpsl.ema_momentum <= 1.0:
+        raise ConfigurationError(f"--ema_momentum {cpsl.ema_momentum} must lie in [0, 1]")
+    if not 0.0 <= cpsl.prior_momentum <= 1.0:
+        raise ConfigurationError(f"--prior_momentum {cpsl.prior_momentum} must lie in [0, 1]")
+    if cpsl.sinkhorn_epsilon <= 0 or cpsl.sinkhorn_iterations < 1:
+        raise ConfigurationError("--sinkhorn_epsilon must be > 0 and --sinkhorn_iterations >= 1")
+    if cpsl.samples_per_image < 1 or cpsl.bank_size < 1:
+        raise ConfigurationError("--samples_per_image and --bank_size must be >= 1")
+    if not 0.0 <= cpsl.rectify_threshold < 1.0:
+        raise ConfigurationError(f"--rectify_threshold {cpsl.rectify_threshold} must lie in [0, 1)")
+    if not 0.0 <= cpsl.mix_prob <= 1.0:
+        raise ConfigurationError(f"--mix_prob {cpsl.mix_prob} must lie in [0, 1]")
+    if training.push_to_hub and not training.hub_model_id:
+        raise ConfigurationError("--push_to_hub needs --hub_model_id USER/NAME")
+    if training.report_to == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigurationError("--report_to wandb: the wandb package is not installed")
+    if training.report_to == "tensorboard":
+        import importlib.util
+
+        if (
+            importlib.util.find_spec("tensorboard") is None
+            and importlib.util.find_spec("tensorboardX") is None
+        ):
+            raise ConfigurationError("--report_to tensorboard: the tensorboard package is not installed")
+    if training.output_dir is None:
+        training.output_dir = default_output_dir(args)
+    resume = training.resume_from_checkpoint
+    if resume not in (None, "latest") and not os.path.isdir(resume):
+        raise ConfigurationError(f"--resume_from_checkpoint: folder {resume!r} does not exist")
+    model_path = args.model.model_name_or_path
+    if model_path is not None and not os.path.isdir(model_path) and not _HUB_REPO_ID.match(model_path):
+        raise ConfigurationError(
+            f"--model_name_or_path: {model_path!r} is neither a folder nor a Hub repo id"
+        )
+
+
+def validate_against_datasets(
+    args: RunArguments,
+    source_image_size: tuple[int, int],
+    target_image_size: tuple[int, int],
+    source_max_label: int | None = None,
+    target_max_label: int | None = None,
+) -> None:
+    """Checks that need the loaded datasets: crop size vs image size, label ids vs ``--num_classes``.
+
+    Args:
+        source_image_size / target_image_size: (H, W) of the training images as the loader yields them
+            (after ``--source_resize`` / ``--target_resize``).
+        source_max_label / target_max_label: largest non-ignored train id seen in a few labels (None: unknown).
+    """
+    crop_h, crop_w = args.data.crop_size
+    for flag, (height, width) in (("source", source_image_size), ("target", target_image_size)):
+        if crop_h > height or crop_w > width:
+            raise ConfigurationError(
+                f"--crop_size {crop_h} {crop_w} is larger than the {flag} images ({height} x {width}); "
+                f"lower --crop_size or set --{flag}_resize"
+            )
+    for flag, max_label in (("source", source_max_label), ("target", target_max_label)):
+        if max_label is not None and max_label >= args.data.num_classes:
+            raise ConfigurationError(
+                f"--num_classes {args.data.num_classes} disagrees with --{flag} "
+                f"{getattr(args.data, flag)}: its labels contain train id {max_label}"
+            )

@@ -1,0 +1,1086 @@
+"""The UDA trainer: source warm-up, CPSL initialisation, CPSL self-training, evaluation and export, on Accelerate.
+
+It reads like ``transformers``' ``run_semantic_segmentation_no_trainer.py``: build the ``Accelerator``, the
+datasets, the model and the optimizer, ``prepare`` them, loop over steps under ``accumulate`` and
+``autocast``, log through the trackers, evaluate, save. The CPSL step (SPEC.md) lives in one method,
+:meth:`UDATrainer.cpsl_losses`.
+
+Stages, counted in global optimisation steps over endless source and target streams:
+
+1. ``warmup`` (steps ``[0, warmup_steps)``): the student learns from the source only (cross-entropy).
+2. ``init`` (once, when the CPSL stage starts): the EMA teacher becomes a copy of the warm-up model; one
+   pass of the teacher over the target training set gives the prototypes ``W`` = ``W'`` (class means of the
+   embeddings under argmax ``P_ST``, accumulated as sums and counts, all-reduced), the class prior (histogram
+   of argmax ``P_ST``) and, with ``--pseudo_labels offline``, the stored ``P_ST`` maps (uint8-quantised).
+3. ``cpsl`` (steps ``[warmup_steps, warmup_steps + cpsl_steps)``): student + EMA teacher, weak/strong views,
+   rectified labels and ``L_SL`` from :class:`cpsl_hf.selflabel.SelfLabeling`,
+   ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``.
+
+Nothing in the per-step path moves a value to the host: losses and diagnostics are summed on the device and
+read every ``--logging_steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpsl_hf.data import protocols
+from cpsl_hf.data.transforms import (
+    GEOMETRIC_OPS,
+    RANDAUGMENT_OPS,
+    class_mix,
+    cut_mix,
+    normalize,
+    strong_augment,
+    to_float,
+    warp_to_view,
+    weak_augment,
+)
+from cpsl_hf.selflabel import PrototypeAccumulator, SelfLabeling, class_histogram, one_way_kl, symmetric_kl
+from cpsl_hf.selflabel.losses import symmetric_ce_loss
+
+from .arguments import RunArguments, dataset_kind, validate_against_datasets
+from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .ema import EMATeacher
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+LOSS_NAMES = ("loss", "loss_source", "loss_target", "loss_sl", "loss_reg")
+DIAGNOSTIC_NAMES = ("changed_share", "prior_entropy", "bank_fill")
+PHOTOMETRIC_OPS = tuple(name for name in RANDAUGMENT_OPS if name not in GEOMETRIC_OPS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets and model
+# ----------------------------------------------------------------------------------------------------------
+def load_domain_dataset(args: RunArguments, domain: str, split: str):
+    """The ``datasets.Dataset`` of ``--source`` (domain "source") or ``--target`` (domain "target").
+
+    ``split`` is "train" or the target's validation split name. Built-in names use their reader; anything
+    else is a prepared folder or Hub repo read by ``load_prepared``.
+    """
+    from cpsl_hf import data as cpsl_data
+
+    data = args.data
+    name = getattr(data, domain)
+    directory = getattr(data, f"{domain}_dir")
+    kind = dataset_kind(name)
+    if kind == "synthetic":
+        is_val = split != "train"
+        return cpsl_data.load_synthetic(
+            domain=domain,
+            split="validation" if is_val else "train",
+            num_images=data.synthetic_val_images if is_val else data.synthetic_train_images,
+            image_size=tuple(data.synthetic_image_size),
+            seed=data.synthetic_seed,
+            cache_dir=data.synthetic_cache_dir,
+        )
+    if kind == "gta5":
+        return cpsl_data.load_gta5(directory, num_classes=data.num_classes, streaming=data.streaming)
+    if kind == "synthia":
+        return cpsl_data.load_synthia(directory, num_classes=data.num_classes, streaming=data.streaming)
+    if kind == "cityscapes":
+        return cpsl_data.load_cityscapes(
+            directory, split=split, num_classes=data.num_classes, streaming=data.streaming
+        )
+    return cpsl_data.load_prepared(name, split=split, streaming=data.streaming)
+
+
+def _peek_dataset(dataset, count: int = 4) -> tuple[tuple[int, int], int | None]:
+    """(H, W) of the first image and the largest non-ignored label id among the first ``count`` samples."""
+    import numpy as np
+
+    iterator = iter(dataset)
+    size, max_label = None, None
+    for _ in range(count):
+        try:
+            sample = next(iterator)
+        except StopIteration:
+            break
+        if size is None:
+            width, height = sample["image"].size
+            size = (height, width)
+        labels = np.asarray(sample["label"])
+        labelled = labels[labels != IGNORE_INDEX]
+        if labelled.size:
+            max_label = max(int(labelled.max()), -1 if max_label is None else max_label)
+    if size is None:
+        raise ValueError("dataset is empty")
+    return size, max_label
+
+
+def build_model(args: RunArguments) -> nn.Module:
+    """The student: a full CPSL checkpoint, a preset with random weights, or a pretrained encoder."""
+    from cpsl_hf.configuration_cpsl import PRESETS, CPSLConfig
+    from cpsl_hf.modeling_cpsl import CPSLForSemanticSegmentation
+
+    num_classes = args.data.num_classes
+    id2label = dict(enumerate(protocols.class_names(num_classes)))
+    overrides: dict[str, Any] = {"sl_temperature": args.model.sl_temperature}
+    if args.model.embedding_dim is not None:
+        overrides["embedding_dim"] = args.model.embedding_dim
+    if args.model.model_name_or_path is not None:
+        model = CPSLForSemanticSegmentation.from_pretrained(args.model.model_name_or_path)
+        if model.config.num_labels != num_classes:
+            raise ValueError(
+                f"--model_name_or_path {args.model.model_name_or_path}: the checkpoint has "
+                f"{model.config.num_labels} classes, --num_classes is {num_classes}"
+            )
+        return model
+    if args.model.backbone in PRESETS:
+        config = CPSLConfig.from_preset(
+            args.model.backbone, num_labels=num_classes, id2label=id2label, **overrides
+        )
+        return CPSLForSemanticSegmentation(config)
+    return CPSLForSemanticSegmentation.from_pretrained_backbone(
+        args.model.backbone, num_labels=num_classes, id2label=id2label, **overrides
+    )
+
+
+def stage_lr_factor(
+    step: int, warmup_steps: int, cpsl_steps: int, lr_warmup_steps: int, power: float, cpsl_lr_scale: float
+) -> float:
+    """Learning-rate multiplier at global ``step``: per stage, a linear warm-up then a poly decay.
+
+    Each stage (source warm-up, CPSL) restarts the schedule, as the reference trains them as separate runs.
+    """
+    if step < warmup_steps:
+        stage_step, stage_length, scale = step, warmup_steps, 1.0
+    else:
+        stage_step, stage_length, scale = step - warmup_steps, max(cpsl_steps, 1), cpsl_lr_scale
+    ramp = min(1.0, (stage_step + 1) / lr_warmup_steps) if lr_warmup_steps > 0 else 1.0
+    return scale * ramp * max(0.0, 1.0 - stage_step / stage_length) ** power
+
+
+class OfflinePseudoLabels:
+    """``P_ST`` of the frozen warm-up model over the target training set, stored compactly.
+
+    Probabilities are quantised to uint8 (``round(255 p)``) at decode resolution: C bytes per decode pixel
+    (Cityscapes at 1/8 of 1024 x 512: 155 KB per image). :meth:`lookup` de-quantises, renormalises and maps
+    them onto a weak view with the view's recorded geometry.
+
+    Attributes:
+        index: image name -> row of ``probabilities``.
+        probabilities: K x C x h x w uint8 (CPU).
+    """
+
+    def __init__(self, names: list[str], probabilities: torch.Tensor):
+        if len(set(names)) != len(names):
+            raise ValueError("offline pseudo labels: target image names must be unique")
+        self.index = {name: row for row, name in enumerate(names)}
+        self.probabilities = probabilities
+
+    @staticmethod
+    def quantize(probs: torch.Tensor) -> torch.Tensor:
+        """N x C x h x w float probabilities -> uint8."""
+        return (probs.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+    def lookup(
+        self, names: list[str], params, output_size: tuple[int, int], device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P_ST`` of the named images on their weak views: (N x C x h x w float32, N x h x w valid mask)."""
+        try:
+            rows = torch.tensor([self.index[name] for name in names])
+        except KeyError as error:
+            raise KeyError(f"offline pseudo labels: no stored P_ST for target image {error}") from None
+        stored = self.probabilities.index_select(0, rows).to(device, non_blocking=True).float()
+        stored = stored / stored.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return warp_to_view(stored, params, output_size, mode="bilinear")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"names": list(self.index), "probabilities": self.probabilities}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> OfflinePseudoLabels:
+        return cls(state["names"], state["probabilities"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------
+class UDATrainer:
+    """Runs one adaptation: ``UDATrainer(args).train()`` (see the module docstring for the stages).
+
+    Args:
+        args: the parsed :class:`RunArguments` (``parse_args`` validates them).
+    """
+
+    def __init__(self, args: RunArguments):
+        self.args = args
+        self.history: dict[str, dict[str, dict[str, Any]]] = {}
+        self.step = 0
+        self.cpsl_initialized = False
+        self.self_labeling: SelfLabeling | None = None
+        self.offline_labels: OfflinePseudoLabels | None = None
+        self.output_dir = Path(args.training.output_dir)
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Accelerator, datasets, loaders, model, teacher, optimizer, scheduler; then ``prepare``."""
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        args, training = self.args, self.args.training
+        if training.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=training.mixed_precision,
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
+            log_with=None if training.report_to == "none" else training.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+            step_scheduler_with_optimizer=False,
+        )
+        accelerator = self.accelerator
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if not accelerator.is_main_process:
+            logging.getLogger("cpsl_hf").setLevel(logging.WARNING)
+        set_seed(training.seed)  # same on every process: identical initial weights
+        self.device = accelerator.device
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        self._build_data()
+        model = build_model(args)
+        self.num_classes = args.data.num_classes
+        self.class_names = protocols.class_names(self.num_classes)
+        self.embedding_dim = model.config.embedding_dim
+
+        groups = model.parameter_groups()
+        lr = training.learning_rate
+        head_lr = lr * training.head_lr_multiplier
+        param_groups = [
+            {
+                "params": groups["backbone"],
+                "lr": lr,
+                "weight_decay": training.weight_decay,
+                "name": "backbone",
+            },
+            {"params": groups["head"], "lr": head_lr, "weight_decay": training.weight_decay, "name": "head"},
+            # The prototypes are L2-normalised wherever they are used: weight decay would only shrink them.
+            {"params": groups["prototypes"], "lr": head_lr, "weight_decay": 0.0, "name": "prototypes"},
+        ]
+        if training.optimizer == "sgd":
+            optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=training.sgd_momentum)
+        else:
+            optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(training.adam_betas))
+        schedule = dict(
+            warmup_steps=training.warmup_steps,
+            cpsl_steps=training.cpsl_steps,
+            lr_warmup_steps=training.lr_warmup_steps,
+            power=training.poly_power,
+            cpsl_lr_scale=training.cpsl_lr_scale,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: stage_lr_factor(step, **schedule)
+        )
+
+        # W is trained by L_SL outside the student's forward (on teacher embeddings), which DDP's reducer cannot
+        # track; it is left out of DDP and its gradient all-reduced by hand (see _sync_prototype_gradient).
+        prototype_names = [n for n, p in model.named_parameters() if p is model.self_labeling_head.prototypes]
+        if accelerator.num_processes > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, prototype_names)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.teacher = EMATeacher(self.unwrapped, momentum=args.cpsl.ema_momentum, ramp=args.cpsl.ema_ramp)
+        self.teacher.to(self.device)
+
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(training.seed * 1000 + 17 + accelerator.process_index)
+        if training.report_to != "none":
+            accelerator.init_trackers("cpsl", config=_flat_config(args))
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _build_data(self) -> None:
+        from cpsl_hf.data.loading import build_eval_loader, build_train_loader
+
+        args, accelerator = self.args, self.accelerator
+        data, training = args.data, args.training
+        with accelerator.main_process_first():
+            self.source_train = load_domain_dataset(args, "source", "train")
+            self.target_train = load_domain_dataset(args, "target", data.target_train_split)
+            self.target_val = load_domain_dataset(args, "target", data.target_val_split)
+        if data.max_eval_images is not None and hasattr(self.target_val, "select"):
+            self.target_val = self.target_val.select(range(min(data.max_eval_images, len(self.target_val))))
+        source_size, source_max = _peek_dataset(self.source_train)
+        target_size, target_max = _peek_dataset(self.target_train)
+        _, val_max = _peek_dataset(self.target_val)
+        validate_against_datasets(
+            args,
+            tuple(data.source_resize) if data.source_resize else source_size,
+            tuple(data.target_resize) if data.target_resize else target_size,
+            source_max,
+            val_max if val_max is not None else target_max,
+        )
+        common = dict(
+            num_workers=data.num_workers,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+        )
+        self.source_loader = build_train_loader(
+            self.source_train,
+            training.source_batch_size,
+            image_size=tuple(data.source_resize) if data.source_resize else None,
+            seed=training.seed,
+            **common,
+        )
+        self.target_loader = build_train_loader(
+            self.target_train,
+            training.target_batch_size,
+            image_size=tuple(data.target_resize) if data.target_resize else None,
+            seed=training.seed + 1,
+            **common,
+        )
+        self._eval_loader_args = dict(
+            batch_size=training.eval_batch_size,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+        )
+        self._build_eval_loader = build_eval_loader
+
+    def eval_loader(self):
+        """A fresh one-pass loader over the target validation split (this process's shard)."""
+        resize = self.args.data.eval_resize
+        return self._build_eval_loader(
+            self.target_val, image_size=tuple(resize) if resize else None, **self._eval_loader_args
+        )
+
+    # ------------------------------------------------------------------ batches and views
+    def _next_batch(self, loader) -> dict[str, Any]:
+        # A DataLoader draws its base seed from the global RNG whenever it starts an epoch (or restarts after a
+        # resume); forking keeps that draw out of the training stream (dropout), so resumes are bit-exact.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(loader)
+        return {
+            "pixel_values": batch["pixel_values"].to(self.device, non_blocking=True),
+            "labels": batch["labels"].to(self.device, non_blocking=True),
+            "name": batch["name"],
+        }
+
+    def _source_view(self, batch):
+        """Source crop (WeakView: images N x 3 x h x w float, labels N x h x w); with ``--source_augment
+        photometric`` the images also get the strong view's colour operations (geometry unchanged)."""
+        data = self.args.data
+        view = weak_augment(
+            to_float(batch["pixel_values"]),
+            batch["labels"],
+            crop_size=tuple(data.crop_size),
+            scale_range=tuple(data.scale_range),
+            generator=self.generator,
+        )
+        if data.source_augment == "photometric":
+            view.images = strong_augment(
+                view.images, generator=self.generator, randaugment_ops=PHOTOMETRIC_OPS, cutout=False
+            ).images
+        return view
+
+    # ------------------------------------------------------------------ losses
+    def source_losses(self, source_batch) -> dict[str, torch.Tensor]:
+        """Warm-up step: ``L_src = CE(student(source crop), labels)`` at label resolution."""
+        view = self._source_view(source_batch)
+        with self.accelerator.autocast():
+            logits = self.model(normalize(view.images)).logits
+        loss = _cross_entropy_at(logits, view.labels)
+        return {"loss": loss, "loss_source": loss.detach()}
+
+    def cpsl_losses(self, source_batch, target_batch) -> dict[str, torch.Tensor]:
+        """One CPSL step (SPEC.md): every loss of ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``.
+
+        Source crop (weak view with labels); target weak view -> EMA teacher -> ``P_ST`` (online) or the
+        stored warm-up ``P_ST`` (offline), embeddings ``z'`` -> :class:`SelfLabeling` -> rectified labels
+        ``Y_hat`` and ``L_SL``; target strong view (of the weak crop) -> student. ``Y_hat`` and the teacher's
+        logits are warped onto the strong view with its recorded geometry; ``L_tgt`` (CE, or CE + RCE) and
+        ``L_REG`` (symmetric KL of the segmentation softmax, or the reference's one-direction KL of the SL head)
+        are computed at decode resolution over pixels valid in both views.
+        """
+        cpsl, data = self.args.cpsl, self.args.data
+        crop = tuple(data.crop_size)
+        source = self._source_view(source_batch)
+        weak = weak_augment(
+            to_float(target_batch["pixel_values"]),
+            None,
+            crop_size=crop,
+            scale_range=tuple(data.scale_range),
+            generator=self.generator,
+        )
+        strong = strong_augment(weak.images, generator=self.generator)
+
+        # Teacher on the weak view: P_ST, embeddings z', logits (all at decode resolution h x w).
+        with torch.no_grad(), self.accelerator.autocast():
+            if cpsl.consistency == "reference":  # needs the teacher's SL-head logits too
+                teacher_out = self.teacher(normalize(weak.images), output_embeddings=True)
+                teacher_embeddings, teacher_sl_logits = teacher_out.embeddings, teacher_out.sl_logits
+                teacher_logits = teacher_out.logits.float()
+            else:  # backbone + decode head only: the core computes P_SL from the embeddings itself
+                teacher_embeddings, teacher_logits = self.teacher.module.encode(normalize(weak.images))
+                teacher_logits = teacher_logits.float()
+        decode_size = tuple(teacher_logits.shape[-2:])
+        weak_valid = _resize_mask(weak.valid_mask, decode_size)
+        if self.offline_labels is None:
+            p_st = teacher_logits.softmax(dim=1)
+        else:
+            p_st, stored_valid = self.offline_labels.lookup(
+                target_batch["name"], weak.params, decode_size, self.device
+            )
+            weak_valid = weak_valid & stored_valid
+
+        # Student: source crop, target strong view (and the weak view when L_SL may reach its embeddings).
+        student_inputs = [source.images, strong.images]
+        if cpsl.sl_grad_to_student_embeddings:
+            student_inputs.append(weak.images)
+        num_source, num_target = source.images.shape[0], strong.images.shape[0]
+
+        # Optional: paste source pixels into the strong target view (ClassMix / CutMix).
+        mix_mask = None
+        if cpsl.mix != "none":
+            # The target labels of the mixed image are only known after the self-labeling call below, so the
+            # mask is drawn here (from the source labels) and applied to images now, to labels afterwards.
+            mixer = class_mix if cpsl.mix == "classmix" else cut_mix
+            mixed = mixer(
+                source.images,
+                source.labels,
+                strong.images,
+                torch.full_like(source.labels, IGNORE_INDEX),
+                generator=self.generator,
+                p=cpsl.mix_prob,
+            )
+            student_inputs[1] = mixed.images
+            mix_mask = mixed.mask
+
+        need_sl_logits = cpsl.consistency == "reference"
+        with self.accelerator.autocast():
+            student_out = self.model(
+                normalize(torch.cat(student_inputs)),
+                output_embeddings=need_sl_logits or cpsl.sl_grad_to_student_embeddings,
+            )
+        logits = student_out.logits
+        source_logits = logits[:num_source]
+        target_logits = logits[num_source : num_source + num_target]
+        student_embeddings = None
+        if cpsl.sl_grad_to_student_embeddings:
+            student_embeddings = student_out.embeddings[num_source + num_target :]
+
+        # Self-labeling: rectified labels on the weak view and L_SL (float32 inside the core).
+        result = self.self_labeling(
+            teacher_embeddings=teacher_embeddings,
+            p_st=p_st,
+            teacher_prototypes=self.teacher.module.self_labeling_head.prototypes,
+            student_prototypes=self.unwrapped.self_labeling_head.prototypes,
+            student_embeddings=student_embeddings,
+            teacher_logits=teacher_logits if cpsl.sl_logits_branch else None,
+            valid_mask=weak_valid,
+            generator=self.generator,
+        )
+
+        # Weak-view quantities onto the strong view (decode resolution).
+        labels_strong, _ = warp_to_view(
+            result.labels, strong.params, decode_size, mode="nearest", fill=IGNORE_INDEX
+        )
+        strong_valid = _resize_mask(strong.valid_mask, decode_size)
+        reference_w = teacher_logits if cpsl.consistency == "symmetric" else teacher_sl_logits.float()
+        # One warp for the teacher's map and the weak view's validity (an extra channel, > 0.5 = valid).
+        warped, warped_valid = warp_to_view(
+            torch.cat([reference_w, weak_valid[:, None].to(reference_w.dtype)], dim=1),
+            strong.params,
+            decode_size,
+            mode="bilinear",
+        )
+        warped_w = warped[:, :-1]
+        consistency_valid = warped_valid & strong_valid & (warped[:, -1] > 0.5)
+        if mix_mask is not None:
+            source_small = _downsample_labels(source.labels, decode_size)
+            mixed_small = _resize_mask(mix_mask, decode_size)
+            labels_strong = torch.where(mixed_small, source_small, labels_strong)
+            consistency_valid = consistency_valid & ~mixed_small
+
+        loss_source = _cross_entropy_at(source_logits, source.labels)
+        if cpsl.target_loss == "ce":
+            loss_target = F.cross_entropy(target_logits.float(), labels_strong, ignore_index=IGNORE_INDEX)
+        else:
+            loss_target = symmetric_ce_loss(target_logits.float(), labels_strong, ignore_index=IGNORE_INDEX)
+        if cpsl.consistency == "symmetric":
+            loss_reg = symmetric_kl(warped_w, target_logits, consistency_valid)
+        else:
+            student_sl = student_out.sl_logits[num_source : num_source + num_target]
+            loss_reg = one_way_kl(warped_w, student_sl, consistency_valid)
+        loss = loss_source + loss_target + cpsl.lambda_sl * result.loss + cpsl.lambda_reg * loss_reg
+        return {
+            "loss": loss,
+            "loss_source": loss_source.detach(),
+            "loss_target": loss_target.detach(),
+            "loss_sl": result.loss.detach(),
+            "loss_reg": loss_reg.detach(),
+            **{name: result.diagnostics[name].detach() for name in DIAGNOSTIC_NAMES},
+        }
+
+    # ------------------------------------------------------------------ the init stage
+    def build_self_labeling(self) -> SelfLabeling:
+        cpsl = self.args.cpsl
+        return SelfLabeling(
+            num_classes=self.num_classes,
+            embedding_dim=self.embedding_dim,
+            num_samples=cpsl.samples_per_image,
+            bank_size=cpsl.bank_size,
+            temperature=self.unwrapped.self_labeling_head.temperature,
+            epsilon=cpsl.sinkhorn_epsilon,
+            sinkhorn_iterations=cpsl.sinkhorn_iterations,
+            prior_momentum=cpsl.prior_momentum,
+            static_prior=cpsl.prior == "static",
+            sampling=cpsl.sampling,
+            rectify_threshold=cpsl.rectify_threshold,
+            logits_branch=cpsl.sl_logits_branch,
+        ).to(self.device)
+
+    @torch.no_grad()
+    def initialize_cpsl(self) -> None:
+        """See :meth:`_initialize_cpsl`; the pass over the target set leaves the global RNG untouched."""
+        with torch.random.fork_rng(devices=[]):
+            self._initialize_cpsl()
+
+    @torch.no_grad()
+    def _initialize_cpsl(self) -> None:
+        """Teacher <- warm-up student; W = W' = class means of teacher embeddings over the target training set
+        (argmax ``P_ST``); prior <- histogram of argmax ``P_ST``; offline ``P_ST`` stored when asked."""
+        accelerator, cpsl = self.accelerator, self.args.cpsl
+        student = self.unwrapped
+        self.teacher.reset(student)
+        dataset = self.target_train
+        if cpsl.init_max_images is not None and hasattr(dataset, "select"):
+            dataset = dataset.select(range(min(cpsl.init_max_images, len(dataset))))
+        resize = self.args.data.target_resize
+        loader = self._build_eval_loader(
+            dataset, image_size=tuple(resize) if resize else None, **self._eval_loader_args
+        )
+        accumulator = PrototypeAccumulator(self.num_classes, self.embedding_dim).to(self.device)
+        histogram = torch.zeros(self.num_classes, device=self.device)
+        stored, names = [], []
+        for batch in _progress(
+            loader, accelerator.is_main_process and self.args.training.progress_bar, "init"
+        ):
+            images = batch["pixel_values"].to(self.device, non_blocking=True)
+            with self.accelerator.autocast():
+                out = self.teacher(normalize(to_float(images)), output_embeddings=True)
+            probs = out.logits.float().softmax(dim=1)
+            accumulator.update(out.embeddings.float(), probs)
+            histogram += class_histogram(probs.argmax(dim=1), self.num_classes)
+            if cpsl.pseudo_labels == "offline":
+                stored.append(OfflinePseudoLabels.quantize(probs).cpu())
+                names.extend(batch["name"])
+        accumulator.all_reduce()
+        histogram = accelerator.reduce(histogram, reduction="sum")
+        prototypes = accumulator.compute(normalize=True)
+        unseen = accumulator.counts == 0
+        # A class no target pixel was assigned to keeps its random (normalised) prototype.
+        prototypes = torch.where(
+            unseen[:, None], F.normalize(student.self_labeling_head.prototypes.float(), dim=1), prototypes
+        )
+        student.self_labeling_head.prototypes.copy_(prototypes)
+        self.teacher.module.self_labeling_head.prototypes.copy_(prototypes)
+        self.self_labeling = self.build_self_labeling()
+        self.self_labeling.initialize_prior(histogram + 1.0)  # +1: no class starts with zero mass
+        if cpsl.pseudo_labels == "offline":
+            self.offline_labels = self._gather_offline(stored, names)
+        # A fresh optimiser state for the new stage (the reference trains the stages as separate runs).
+        self.optimizer.optimizer.state.clear()
+        self.cpsl_initialized = True
+
+    def _gather_offline(self, stored: list[torch.Tensor], names: list[str]) -> OfflinePseudoLabels:
+        """Every process ends with the P_ST maps of the whole target set (each computed its shard)."""
+        from accelerate.utils import gather_object
+
+        if not stored:
+            raise ValueError("--pseudo_labels offline: the target training set is empty")
+        shapes = {tuple(t.shape[1:]) for t in stored}
+        if len(shapes) != 1:
+            raise ValueError(
+                "--pseudo_labels offline needs target images of one size; set --target_resize H W"
+            )
+        local = torch.cat(stored)
+        if self.accelerator.num_processes > 1:
+            parts = gather_object([(names, local)])
+            names = [name for part_names, _ in parts for name in part_names]
+            local = torch.cat([tensor for _, tensor in parts])
+        return OfflinePseudoLabels(names, local)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, stage: str) -> dict[str, dict[str, Any]]:
+        """mIoU of the student (and the teacher in the CPSL stage) on the target validation split."""
+        from cpsl_hf.evaluation import evaluate_model
+
+        training = self.args.training
+        networks = {"student": self.unwrapped}
+        if stage != "warmup" and self.cpsl_initialized and training.eval_teacher:
+            networks["teacher"] = self.teacher.module
+        results = {}
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training.mixed_precision)
+        for who, network in networks.items():
+            with torch.random.fork_rng(devices=[]):  # evaluating never changes the training's random stream
+                metrics = evaluate_model(
+                    network,
+                    self.eval_loader(),
+                    self.num_classes,
+                    device=self.device,
+                    autocast_dtype=autocast,
+                    progress=self.accelerator.is_main_process and training.progress_bar,
+                )
+            results[who] = _json_ready(metrics)
+        self.unwrapped.train()
+        self.history.setdefault(stage, {})[str(self.step)] = results
+        if self.accelerator.is_main_process:
+            summary = ", ".join(f"{who} mIoU {100 * m['mean_iou']:.2f}" for who, m in results.items())
+            logger.info("evaluation at step %d (%s): %s", self.step, stage, summary)
+        self.accelerator.log(
+            {f"eval/{who}_miou": m["mean_iou"] for who, m in results.items()}, step=self.step
+        )
+        return results
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        trainer_state = {
+            "step": self.step,
+            "stage": self.stage_at(self.step),
+            "cpsl_initialized": self.cpsl_initialized,
+            "teacher": self.teacher.state_dict(),
+            "self_labeling": None if self.self_labeling is None else self.self_labeling.state_dict(),
+            "offline_labels": None if self.offline_labels is None else self.offline_labels.state_dict(),
+            "history": self.history,
+            "arguments": self.args.to_dict(),
+        }
+        process_state = {
+            "source_loader": self.source_loader.state_dict(),
+            "target_loader": self.target_loader.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        return save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            trainer_state,
+            process_state,
+            self.args.training.checkpoints_total_limit,
+        )
+
+    def restore(self, path: Path) -> None:
+        trainer_state, process_state = load_checkpoint(self.accelerator, path)
+        self.step = int(trainer_state["step"])
+        self.cpsl_initialized = bool(trainer_state["cpsl_initialized"])
+        self.teacher.load_state_dict(trainer_state["teacher"])
+        if trainer_state["self_labeling"] is not None:
+            self.self_labeling = self.build_self_labeling()
+            self.self_labeling.load_state_dict(trainer_state["self_labeling"])
+        if trainer_state["offline_labels"] is not None:
+            self.offline_labels = OfflinePseudoLabels.from_state_dict(trainer_state["offline_labels"])
+        self.history = trainer_state["history"]
+        self.source_loader.load_state_dict(process_state["source_loader"])
+        self.target_loader.load_state_dict(process_state["target_loader"])
+        self.generator.set_state(process_state["generator"])
+        if self.accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ the loop
+    def stage_at(self, step: int) -> str:
+        return "warmup" if step < self.args.training.warmup_steps else "cpsl"
+
+    def _evaluated(self, stage: str, step: int) -> bool:
+        return str(step) in self.history.get(stage, {})
+
+    def _sync_prototype_gradient(self) -> None:
+        """All-reduce (mean) the gradient of W, which DDP does not manage (see ``setup``)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grad = self.unwrapped.self_labeling_head.prototypes.grad
+        if grad is not None:
+            torch.distributed.all_reduce(grad)
+            grad.div_(self.accelerator.num_processes)
+
+    def _sync_buffers(self) -> None:
+        """Broadcast the student's buffers (BatchNorm statistics) from process 0, as DDP does before the next
+        forward, so that the EMA teacher, evaluations and checkpoints are identical on every process."""
+        if self.accelerator.num_processes == 1:
+            return
+        # Looked up every time: evaluation moves the model (``.to``), which may replace buffer tensors.
+        handles = [torch.distributed.broadcast(b, src=0, async_op=True) for b in self.unwrapped.buffers()]
+        for handle in handles:
+            handle.wait()
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) the whole pipeline; returns the metrics history (also written to metrics.json)."""
+        deterministic_before = torch.are_deterministic_algorithms_enabled()
+        try:
+            return self._train()
+        finally:  # leave the process as it was (tests and notebooks run several trainings)
+            torch.use_deterministic_algorithms(deterministic_before)
+
+    def _train(self) -> dict[str, Any]:
+        self.setup()
+        training, accelerator = self.args.training, self.accelerator
+        checkpoint = resolve_checkpoint(training.resume_from_checkpoint, self.output_dir)
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        total = training.warmup_steps + training.cpsl_steps
+        stop = total if training.stop_at_step is None else min(training.stop_at_step, total)
+        progress = _progress_bar(total, self.step, accelerator.is_main_process and training.progress_bar)
+        running: dict[str, torch.Tensor] = {}
+        window_start, window_steps, window_images = time.time(), 0, 0
+        self.model.train()
+        if self.step < training.warmup_steps and self.step == 0 and training.warmup_steps > 0:
+            logger.info("stage warmup: %d source-only steps", training.warmup_steps)
+
+        while self.step < stop:
+            stage = self.stage_at(self.step)
+            if stage == "cpsl" and not self.cpsl_initialized:
+                if not self._evaluated("warmup", self.step):
+                    # The starting point of CPSL (the warm-up model, or --model_name_or_path as given).
+                    self.evaluate("warmup")
+                if accelerator.is_main_process:
+                    logger.info("stage init: teacher, prototypes and prior from the warm-up model")
+                self.initialize_cpsl()
+                self.model.train()
+            if progress is not None:
+                progress.set_description(stage)
+            with accelerator.accumulate(self.model):
+                source_batch = self._next_batch(self.source_loader)
+                if stage == "warmup":
+                    losses = self.source_losses(source_batch)
+                    batch_images = source_batch["pixel_values"].shape[0]
+                else:
+                    target_batch = self._next_batch(self.target_loader)
+                    losses = self.cpsl_losses(source_batch, target_batch)
+                    batch_images = (
+                        source_batch["pixel_values"].shape[0] + target_batch["pixel_values"].shape[0]
+                    )
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients:
+                    self._sync_prototype_gradient()
+                    if training.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for name, value in losses.items():
+                value = value.detach()
+                running[name] = running[name] + value if name in running else value
+            window_images += batch_images
+            if not accelerator.sync_gradients:
+                continue
+            self.scheduler.step()
+            self._sync_buffers()
+            if stage == "cpsl":
+                self.teacher.update(self.unwrapped)
+            self.step += 1
+            window_steps += 1
+            if progress is not None:
+                progress.update(1)
+
+            if self.step % training.logging_steps == 0 or self.step == stop:
+                logs = self._log(
+                    running,
+                    window_steps,
+                    window_images * accelerator.num_processes,
+                    time.time() - window_start,
+                )
+                if progress is not None:
+                    progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+                elif accelerator.is_main_process:
+                    logger.info("step %d/%d (%s): %s", self.step, total, stage, _format_logs(logs))
+                running, window_steps, window_images, window_start = {}, 0, 0, time.time()
+            end_of_stage = self.step in (training.warmup_steps, total)
+            periodic = bool(training.eval_steps) and self.step % training.eval_steps == 0
+            if end_of_stage or periodic:
+                self.evaluate(self.stage_at(self.step - 1))
+            if (training.checkpointing_steps and self.step % training.checkpointing_steps == 0) or (
+                self.step == stop and stop < total
+            ):
+                self.save()
+        if progress is not None:
+            progress.close()
+        if self.step < total:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                print(
+                    f"Stopped at step {self.step} of {total} (--stop_at_step); resume with "
+                    f"--resume_from_checkpoint latest --output_dir {self.output_dir}"
+                )
+            accelerator.end_training()
+            return self.history
+        self.export()
+        accelerator.end_training()
+        return self.history
+
+    def _log(
+        self, running: dict[str, torch.Tensor], steps: int, images: int, seconds: float
+    ) -> dict[str, float]:
+        """Average the device-side sums over the window and processes; the only host sync of the loop."""
+        names = sorted(running)
+        if not names or steps == 0:
+            return {}
+        stacked = torch.stack([running[name].float() for name in names]) / steps
+        values = self.accelerator.reduce(stacked, reduction="mean").tolist()
+        logs = dict(zip(names, values, strict=True))
+        for group in self.optimizer.optimizer.param_groups:
+            logs[f"lr_{group['name']}"] = group["lr"]
+        logs["images_per_second"] = images / max(seconds, 1e-9)
+        self.accelerator.log(logs, step=self.step)
+        return logs
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> None:
+        """save_pretrained of the chosen network, metrics.json, model card, optional push; the final table."""
+        accelerator, training = self.accelerator, self.args.training
+        accelerator.wait_for_everyone()
+        network = (
+            self.unwrapped
+            if training.export_model == "student" or not self.cpsl_initialized
+            else self.teacher.module
+        )
+        model_dir = self.output_dir
+        network.save_pretrained(
+            model_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        )
+        metrics_path = model_dir / "metrics.json"
+        final_stage = "cpsl" if "cpsl" in self.history else "warmup"
+        final_key = max(self.history[final_stage], key=int)
+        final = self.history[final_stage][final_key]
+        exported = final.get(training.export_model, final["student"])
+        training_info = self._training_info(final_stage, int(final_key))
+        card_path = None
+        if accelerator.is_main_process:
+            document = {
+                "exported_model": training.export_model if self.cpsl_initialized else "student",
+                "final": {"stage": final_stage, "step": int(final_key), **exported},
+                "history": self.history,
+                "training": training_info,
+            }
+            metrics_path.write_text(json.dumps(document, indent=2))
+            card_path = self._write_card(exported, training_info)
+            if self.args.training.save_predictions > 0:
+                self._save_predictions(network)
+        if training.push_to_hub and accelerator.is_main_process:
+            from cpsl_hf.hub import push_checkpoint
+
+            url = push_checkpoint(model_dir, training.hub_model_id, private=training.hub_private)
+            print(f"Pushed to {url}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            print(self.summary_table())
+            print(f"\nModel ({training.export_model}): {model_dir.resolve()}")
+            print(f"Metrics: {metrics_path.resolve()}")
+            if card_path is not None:
+                print(f"Model card: {Path(card_path).resolve()}")
+            if training.checkpointing_steps:
+                print(f"Checkpoints: {(self.output_dir / 'checkpoints').resolve()}")
+            print(f"Total time: {time.time() - self.started:.0f} s")
+
+    def _training_info(self, final_stage: str, final_step: int) -> dict[str, Any]:
+        args = self.args
+        return {
+            "source": args.data.source,
+            "target": args.data.target,
+            "backbone": args.model.model_name_or_path or args.model.backbone,
+            "num_classes": args.data.num_classes,
+            "warmup_steps": args.training.warmup_steps,
+            "cpsl_steps": args.training.cpsl_steps,
+            "seed": args.training.seed,
+            "config": args.training.config,
+            "num_processes": self.accelerator.num_processes,
+            "device": str(self.device),
+            "hardware": torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else platform.processor() or "cpu",
+            "training_seconds": round(time.time() - self.started, 1),
+            "final_stage": final_stage,
+            "final_step": final_step,
+            "arguments": args.to_dict(),
+        }
+
+    def _write_card(self, metrics: dict[str, Any], training_info: dict[str, Any]) -> Path | None:
+        """The model card (``cpsl_hf.hub``) from the exported network's final evaluation and this run's recipe."""
+        from cpsl_hf import hub
+
+        args = self.args
+        data, training = args.data, args.training
+        display = {"gta5": "GTA5", "synthia": "SYNTHIA", "cityscapes": "Cityscapes", "synthetic": "synthetic"}
+        source = display.get(data.source, data.source)
+        target = display.get(data.target, data.target)
+        backbone = training_info["backbone"]
+        card_info = {
+            "model_name": self.output_dir.name,
+            "source_dataset": "synthetic source" if data.source == "synthetic" else source,
+            "target_dataset": "synthetic target" if data.target == "synthetic" else target,
+            "eval_split": data.target_val_split,
+            "datasets": list(dict.fromkeys([data.source, data.target])),
+            "base_model": None if backbone in _preset_names() else backbone,
+            "config": training.config or "defaults (configs/synthetic_demo.yaml)",
+            "architecture": f"{backbone} ({self.unwrapped.config.decode_head} head, D={self.embedding_dim})",
+            "stage": f"{training_info['final_stage']} ({training.export_model})",
+            "steps": f"{training.warmup_steps} warm-up + {training.cpsl_steps} CPSL",
+            "batch_size": f"{training.source_batch_size} + {training.target_batch_size} per process "
+            f"x {self.accelerator.num_processes} process(es)",
+            "crop_size": f"{data.crop_size[0]} x {data.crop_size[1]}",
+            "seed": training.seed,
+            "hardware": training_info["hardware"],
+            "mixed_precision": training.mixed_precision,
+            "evaluation": "whole image, no flip, at label resolution",
+            "training_time_s": training_info["training_seconds"],
+            "hyperparameters": {
+                key: value
+                for key, value in {**dataclasses.asdict(args.cpsl), **dataclasses.asdict(training)}.items()
+                if isinstance(value, (int, float, str, bool)) and key not in ("output_dir", "config")
+            },
+            "num_classes": self.num_classes,
+        }
+        if training.hub_model_id:
+            card_info["repo_id"] = training.hub_model_id
+        return hub.write_model_card(self.output_dir, metrics, card_info)
+
+    def _save_predictions(self, network: nn.Module) -> None:
+        from cpsl_hf.visualization import save_prediction_strips
+
+        save_prediction_strips(
+            network,
+            self.eval_loader(),
+            self.output_dir / "predictions",
+            self.num_classes,
+            max_images=self.args.training.save_predictions,
+        )
+
+    def summary_table(self) -> str:
+        """Per-class target IoU after the warm-up and after CPSL (student, teacher), as a Markdown table."""
+        columns: list[tuple[str, dict[str, Any]]] = []
+        for stage in ("warmup", "cpsl"):
+            if stage not in self.history:
+                continue
+            last = self.history[stage][max(self.history[stage], key=int)]
+            for who, metrics in last.items():
+                columns.append((f"{stage} {who}" if stage == "cpsl" else "warm-up", metrics))
+        if not columns:
+            return ""
+        names = columns[0][1]["class_names"]
+        lines = [
+            f"\nTarget ({self.args.data.target}) validation IoU (%), {self.num_classes} classes",
+            "| class | " + " | ".join(title for title, _ in columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for index, name in enumerate(names):
+            cells = [_percent(metrics["per_category_iou"][index]) for _, metrics in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(
+            "| **mIoU** | " + " | ".join(f"**{_percent(m['mean_iou'])}**" for _, m in columns) + " |"
+        )
+        if self.num_classes == 16:
+            lines.append(
+                "| mIoU (13) | " + " | ".join(_percent(m.get("mean_iou_13")) for _, m in columns) + " |"
+            )
+        return "\n".join(lines)
+
+
+def train(args: RunArguments) -> dict[str, Any]:
+    """Run the UDA pipeline described by ``args`` (see :func:`cpsl_hf.training.arguments.parse_args`)."""
+    return UDATrainer(args).train()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+def _cross_entropy_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE of N x C x h x w logits upsampled (bilinear) to the N x H x W labels; ignore 255; float32."""
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x H x W bool -> N x h x w (nearest)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+
+
+def _downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x H x W integer labels -> N x h x w (nearest)."""
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def _format_logs(logs: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4g}" for key, value in logs.items())
+
+
+def _preset_names() -> set[str]:
+    from cpsl_hf.configuration_cpsl import PRESETS
+
+    return set(PRESETS)
+
+
+def _percent(value) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+    )
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return _json_ready(value.tolist())
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _flat_config(args: RunArguments) -> dict[str, Any]:
+    """Tracker-friendly flat config (scalars and strings only)."""
+    flat = {}
+    for group, values in args.to_dict().items():
+        for key, value in values.items():
+            flat[f"{group}/{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+
+
+def _progress(iterable, enabled: bool, description: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+
+
+__all__ = [
+    "OfflinePseudoLabels",
+    "UDATrainer",
+    "build_model",
+    "load_domain_dataset",
+    "stage_lr_factor",
+    "train",
+]

@@ -1,0 +1,130 @@
+"""Arguments of the trainer: YAML recipes + command line, and configuration errors that name the argument."""
+
+from pathlib import Path
+
+import pytest
+
+from cpsl_hf.training.arguments import (
+    ConfigurationError,
+    parse_args,
+    validate_against_datasets,
+)
+from cpsl_hf.training.trainer import stage_lr_factor
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_demo_config_equals_the_defaults():
+    """`accelerate launch scripts/train.py` without arguments runs exactly configs/synthetic_demo.yaml."""
+    defaults = parse_args([]).to_dict()
+    from_file = parse_args(["--config", str(CONFIGS / "synthetic_demo.yaml")]).to_dict()
+    assert from_file["training"].pop("config") == str(CONFIGS / "synthetic_demo.yaml")
+    assert defaults["training"].pop("config") is None
+    assert from_file == defaults
+
+
+def test_command_line_overrides_the_config(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("training:\n  warmup_steps: 7\n  learning_rate: 0.5\ncpsl:\n  lambda_sl: 0.3\n")
+    args = parse_args(["--config", str(config), "--warmup_steps", "11"])
+    assert args.training.warmup_steps == 11  # CLI wins
+    assert args.training.learning_rate == 0.5  # from the file
+    assert args.cpsl.lambda_sl == 0.3
+    assert args.cpsl.lambda_reg == 5.0  # default
+
+
+def test_default_output_dir_names_source_target_and_backbone():
+    args = parse_args(["--backbone", "segformer-b0"])
+    assert args.training.output_dir == str(Path("outputs") / "synthetic_to_synthetic_segformer-b0")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_recipe_parses(name, tmp_path):
+    (tmp_path / "source").mkdir()
+    (tmp_path / "target").mkdir()
+    args = parse_args(
+        [
+            "--config",
+            str(CONFIGS / name),
+            "--source_dir",
+            str(tmp_path / "source"),
+            "--target_dir",
+            str(tmp_path / "target"),
+        ]
+    )
+    if "synthia" in name:
+        assert args.data.num_classes == 16
+    if "segformer_b5" in name:
+        assert args.training.optimizer == "adamw" and args.training.learning_rate == 6e-5
+        assert args.training.head_lr_multiplier == 10 and args.data.crop_size == [512, 512]
+        assert (args.training.source_batch_size, args.training.target_batch_size) == (2, 2)
+        assert args.training.cpsl_steps == 40000
+    if "deeplabv2" in name:
+        assert args.training.optimizer == "sgd" and args.training.learning_rate == 1e-4
+        assert args.training.learning_rate * args.training.head_lr_multiplier == pytest.approx(5e-4)
+        assert args.training.weight_decay == 2e-4 and args.data.crop_size == [512, 896]
+        assert (args.cpsl.samples_per_image, args.cpsl.bank_size, args.cpsl.ema_momentum) == (
+            256,
+            65536,
+            0.999,
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--source", "imagenet"], "--source"),
+        (["--target", "not a dataset"], "--target"),
+        (["--source", "gta5"], "--source_dir"),
+        (["--target", "cityscapes", "--target_dir", "/nonexistent/cityscapes"], "--target_dir"),
+        (["--num_classes", "16"], "--num_classes"),  # synthetic has 19 classes
+        (["--num_classes", "7"], "--num_classes"),
+        (["--crop_size", "256", "128"], "--crop_size"),  # synthetic images are 128 x 256
+        (["--crop_size", "64", "64", "--target_resize", "32", "100"], "--crop_size"),
+        (["--optimizer", "lamb"], "--optimizer"),
+        (["--push_to_hub"], "--push_to_hub"),
+        (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "--resume_from_checkpoint"),
+        (["--ema_momentum", "1.5"], "--ema_momentum"),
+    ],
+)
+def test_bad_configuration_names_the_argument(argv, named):
+    with pytest.raises((ConfigurationError, SystemExit)) as info:
+        parse_args(argv)
+    if info.type is ConfigurationError:
+        assert named in str(info.value)
+
+
+def test_bad_yaml_values_are_caught(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("cpsl:\n  sampling: stratified\n")
+    with pytest.raises(ConfigurationError, match="--sampling"):
+        parse_args(["--config", str(config)])
+    config.write_text("training:\n  warmup_stepz: 3\n")
+    with pytest.raises(ConfigurationError, match="warmup_stepz"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(ConfigurationError, match="--config"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_synthia_with_19_classes_is_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="--num_classes 19 disagrees with --source synthia"):
+        parse_args(["--source", "synthia", "--source_dir", str(tmp_path)])
+
+
+def test_dataset_checks_name_the_argument():
+    args = parse_args(["--crop_size", "64", "64"])
+    validate_against_datasets(args, (64, 64), (100, 200), 18, 18)  # fits
+    with pytest.raises(ConfigurationError, match="--crop_size 64 64 is larger than the target images"):
+        validate_against_datasets(args, (64, 64), (48, 200), None, None)
+    with pytest.raises(ConfigurationError, match="--num_classes 19 disagrees with --source"):
+        validate_against_datasets(args, (64, 64), (64, 64), 19, None)
+
+
+def test_learning_rate_schedule_restarts_per_stage():
+    schedule = dict(warmup_steps=10, cpsl_steps=20, lr_warmup_steps=2, power=1.0, cpsl_lr_scale=0.5)
+    assert stage_lr_factor(0, **schedule) == pytest.approx(0.5)  # linear warm-up (1/2)
+    assert stage_lr_factor(1, **schedule) == pytest.approx(1.0 * (1 - 1 / 10))
+    assert stage_lr_factor(5, **schedule) == pytest.approx(0.5)
+    assert stage_lr_factor(10, **schedule) == pytest.approx(0.5 * 0.5)  # CPSL stage restarts, scaled, ramping
+    assert stage_lr_factor(20, **schedule) == pytest.approx(0.5 * (1 - 10 / 20))
+    assert stage_lr_factor(30, **schedule) == 0.0

@@ -1,0 +1,187 @@
+"""End-to-end runs of the UDA trainer on tiny synthetic data: every stage, resume, 2 processes, bad config."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpsl_hf.training.arguments import parse_args
+from cpsl_hf.training.checkpointing import find_latest_checkpoint
+from cpsl_hf.training.trainer import UDATrainer
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic_cache")
+
+
+def tiny_argv(output_dir, cache, *extra):
+    """A run of a few steps: 32 x 64 synthetic images, 32 x 32 crops, batch 2 + 2, a small bank."""
+    return [
+        "--output_dir", str(output_dir),
+        "--synthetic_cache_dir", str(cache),
+        "--synthetic_train_images", "8",
+        "--synthetic_val_images", "4",
+        "--synthetic_image_size", "32", "64",
+        "--crop_size", "32", "32",
+        "--source_batch_size", "2",
+        "--target_batch_size", "2",
+        "--eval_batch_size", "4",
+        "--samples_per_image", "16",
+        "--bank_size", "48",
+        "--warmup_steps", "2",
+        "--cpsl_steps", "2",
+        "--lr_warmup_steps", "0",
+        "--logging_steps", "1",
+        "--no_progress_bar",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(argv) -> UDATrainer:
+    trainer = UDATrainer(parse_args(argv))
+    trainer.train()
+    return trainer
+
+
+def test_every_stage_runs_and_exports_a_loadable_model(tmp_path, synthetic_cache, capsys):
+    from transformers import AutoModel
+
+    trainer = run(tiny_argv(tmp_path / "run", synthetic_cache, "--eval_steps", "1"))
+    printed = capsys.readouterr().out
+    assert "| **mIoU** |" in printed and "warm-up" in printed and "cpsl student" in printed
+    assert str((tmp_path / "run").resolve()) in printed
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sorted(metrics["history"]["warmup"], key=int) == ["1", "2"]
+    assert sorted(metrics["history"]["cpsl"], key=int) == ["3", "4"]
+    final = metrics["history"]["cpsl"]["4"]
+    assert set(final) == {"student", "teacher"}
+    assert len(final["student"]["per_category_iou"]) == 19
+    assert metrics["final"]["mean_iou"] == final["student"]["mean_iou"]
+    assert (tmp_path / "run" / "README.md").is_file()
+
+    model = AutoModel.from_pretrained(tmp_path / "run")
+    exported = trainer.unwrapped.state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
+    # The CPSL stage ran the self-labeling core: the bank is full of teacher embeddings, W was initialised.
+    assert bool(trainer.self_labeling.bank.valid.all())
+    prototypes = model.self_labeling_head.prototypes
+    assert not torch.equal(prototypes, trainer.teacher.module.self_labeling_head.prototypes.cpu())
+
+
+def test_reference_options_run(tmp_path, synthetic_cache):
+    """Offline P_ST, CutMix, one-direction SL-head KL, CE + RCE, L_SL into the student, uniform sampling,
+    static prior, the logits branch, the EMA ramp, SGD, teacher export: one run through all of them."""
+    trainer = run(
+        tiny_argv(
+            tmp_path / "reference", synthetic_cache,
+            "--pseudo_labels", "offline", "--mix", "cutmix", "--mix_prob", "1.0", "--consistency", "reference",
+            "--target_loss", "ce+rce", "--sl_grad_to_student_embeddings", "--sampling", "uniform",
+            "--prior", "static", "--sl_logits_branch", "--ema_ramp", "--optimizer", "sgd",
+            "--export_model", "teacher", "--gradient_accumulation_steps", "2",
+        )
+    )  # fmt: skip
+    assert trainer.offline_labels.probabilities.dtype == torch.uint8
+    assert trainer.offline_labels.probabilities.shape[:2] == (8, 19)
+    assert trainer.step == 4
+    initial_prior = trainer.self_labeling.prior.distribution.clone()
+    metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert metrics["exported_model"] == "teacher"
+    assert metrics["final"]["mean_iou"] == metrics["history"]["cpsl"]["4"]["teacher"]["mean_iou"]
+    assert torch.equal(initial_prior, trainer.self_labeling.prior.distribution)  # static
+
+
+def _state(trainer: UDATrainer) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in trainer.unwrapped.state_dict().items()}
+    state.update(
+        {f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items() if isinstance(v, torch.Tensor)}
+    )
+    state.update({f"selflabel.{k}": v for k, v in trainer.self_labeling.state_dict().items()})
+    return state
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, synthetic_cache):
+    common = ("--deterministic", "--cpsl_steps", "4", "--checkpointing_steps", "100")
+    uninterrupted = _state(run(tiny_argv(tmp_path / "straight", synthetic_cache, *common)))
+
+    first = run(tiny_argv(tmp_path / "resumed", synthetic_cache, *common, "--stop_at_step", "3"))
+    assert first.step == 3
+    checkpoint = find_latest_checkpoint(tmp_path / "resumed")
+    assert checkpoint.name == "checkpoint-3"
+    # A later save that died half-way: no marker, so "latest" must not pick it.
+    broken = checkpoint.parent / "checkpoint-5"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")
+    resumed = run(
+        tiny_argv(tmp_path / "resumed", synthetic_cache, *common, "--resume_from_checkpoint", "latest")
+    )
+    assert resumed.step == 6
+    state = _state(resumed)
+    assert state.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from cpsl_hf.training.arguments import parse_args
+    from cpsl_hf.training.trainer import UDATrainer
+
+    trainer = UDATrainer(parse_args(sys.argv[2:]))
+    trainer.train()
+    state = {
+        "student": trainer.unwrapped.state_dict(),
+        "teacher": trainer.teacher.module.state_dict(),
+        "selflabel": trainer.self_labeling.state_dict(),
+        "world": trainer.accelerator.num_processes,
+    }
+    torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_stay_identical(tmp_path, synthetic_cache):
+    # Generate the data once here so the two processes only read the cache.
+    run(tiny_argv(tmp_path / "warm", synthetic_cache, "--warmup_steps", "1", "--cpsl_steps", "0"))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(driver), str(tmp_path),
+        *tiny_argv(tmp_path / "ddp", synthetic_cache, "--source_batch_size", "1", "--target_batch_size", "1"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert rank0["world"] == rank1["world"] == 2  # real data parallelism, not two lone runs
+    for part in ("student", "teacher", "selflabel"):
+        for name, tensor in rank0[part].items():
+            torch.testing.assert_close(rank1[part][name], tensor, rtol=0, atol=0, msg=f"{part}.{name}")
+    # Both processes enqueued the gathered samples of both: 2 steps x 2 processes x 1 image x 16 = 64 > 48.
+    assert bool(rank0["selflabel"]["bank.valid"].all())
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+def test_bad_configuration_fails_before_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/train.py", "--source", "gta5", "--source_dir", str(tmp_path / "missing"),
+         "--output_dir", str(tmp_path / "never")],
+        capture_output=True, text=True, timeout=120, cwd=REPOSITORY,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--source_dir" in result.stderr and "does not exist" in result.stderr
+    assert not (tmp_path / "never").exists()
