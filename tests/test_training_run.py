@@ -66,7 +66,14 @@ def test_every_stage_runs_and_exports_a_loadable_model(tmp_path, synthetic_cache
     assert set(final) == {"student", "teacher"}
     assert len(final["student"]["per_category_iou"]) == 19
     assert metrics["final"]["mean_iou"] == final["student"]["mean_iou"]
-    assert (tmp_path / "run" / "README.md").is_file()
+    # Prediction strips after every evaluation and with the exported model, linked from the card.
+    evaluated = ["warmup-step000001", "warmup-step000002", "cpsl-step000003", "cpsl-step000004"]
+    for folder in evaluated:
+        assert len(list((tmp_path / "run" / "predictions" / folder).glob("*.png"))) == 4
+    exported_strips = sorted((tmp_path / "run" / "predictions").glob("*.png"))
+    assert len(exported_strips) == 4
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"predictions/{exported_strips[0].name}" in card
 
     model = AutoModel.from_pretrained(tmp_path / "run")
     exported = trainer.unwrapped.state_dict()

@@ -277,7 +277,12 @@ class UDATrainingArguments:
         default="student", metadata={"help": "Which network is saved as the final model."}
     )
     save_predictions: int = field(
-        default=0, metadata={"help": "Save N side-by-side prediction strips after the final evaluation."}
+        default=4,
+        metadata={
+            "help": "Save N image | ground truth | prediction strips of the target validation split after "
+            "every evaluation (output_dir/predictions/<stage>-step<N>/) and with the exported model, where "
+            "the model card shows them (0: none)."
+        },
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final model and card to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})

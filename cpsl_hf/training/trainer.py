@@ -645,6 +645,11 @@ class UDATrainer:
                     progress=self.accelerator.is_main_process and training.progress_bar,
                 )
             results[who] = _json_ready(metrics)
+        if self.accelerator.is_main_process and training.save_predictions > 0:
+            # A few image | ground truth | prediction strips per evaluation, to look at how adaptation goes.
+            self._save_predictions(
+                self.unwrapped, self.output_dir / "predictions" / f"{stage}-step{self.step:06d}"
+            )
         self.unwrapped.train()
         self.history.setdefault(stage, {})[str(self.step)] = results
         if self.accelerator.is_main_process:
@@ -872,9 +877,9 @@ class UDATrainer:
                 "training": training_info,
             }
             metrics_path.write_text(json.dumps(document, indent=2))
+            if self.args.training.save_predictions > 0:  # before the card, which links them
+                self._save_predictions(network, model_dir / "predictions")
             card_path = self._write_card(exported, training_info)
-            if self.args.training.save_predictions > 0:
-                self._save_predictions(network)
         if training.push_to_hub and accelerator.is_main_process:
             from cpsl_hf.hub import push_checkpoint
 
@@ -953,13 +958,14 @@ class UDATrainer:
             card_info["repo_id"] = training.hub_model_id
         return hub.write_model_card(self.output_dir, metrics, card_info)
 
-    def _save_predictions(self, network: nn.Module) -> None:
+    def _save_predictions(self, network: nn.Module, out_dir: Path) -> None:
+        """Image | ground truth | prediction strips of the first ``--save_predictions`` validation images."""
         from cpsl_hf.visualization import save_prediction_strips
 
         save_prediction_strips(
             network,
             self.eval_loader(),
-            self.output_dir / "predictions",
+            out_dir,
             self.num_classes,
             max_images=self.args.training.save_predictions,
         )
