@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpsl_hf.data.transforms import normalize, strong_augment, to_float, warp_to_view, weak_augment  # noqa: E402
+from cpsl_hf.data.transforms import normalize, warp_to_view  # noqa: E402
 from cpsl_hf.selflabel import symmetric_kl  # noqa: E402
 from cpsl_hf.training.arguments import parse_args  # noqa: E402
 from cpsl_hf.training.trainer import UDATrainer, _cross_entropy_at  # noqa: E402
@@ -68,17 +68,8 @@ class BenchTrainer(UDATrainer):
 
     def plain_losses(self, source_batch, target_batch):
         """Mean-teacher self-training with the same views and losses, without the self-labeling core."""
-        data = self.args.data
-        crop = tuple(data.crop_size)
         source = self._source_view(source_batch)
-        weak = weak_augment(
-            to_float(target_batch["pixel_values"]),
-            None,
-            crop_size=crop,
-            scale_range=tuple(data.scale_range),
-            generator=self.generator,
-        )
-        strong = strong_augment(weak.images, generator=self.generator)
+        weak, strong = self.target_views(target_batch)
         with torch.no_grad(), self.accelerator.autocast():
             teacher_logits = self.teacher(normalize(weak.images)).logits.float()
         decode_size = tuple(teacher_logits.shape[-2:])

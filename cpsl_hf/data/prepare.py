@@ -28,9 +28,9 @@ from .readers import (
     BadSampleError,
     DataReport,
     _Accumulator,
-    _iter_checked,
     _label_lut,
     _progress,
+    check_pairs,
     dataset_features,
     hub_offline,
     iter_converted,
@@ -152,12 +152,7 @@ def prepare_dataset(
     split = split or "train"
     pairs, orphans = scan(kind, data_dir, split)
 
-    checked = _progress(_iter_checked(kind, pairs, num_proc), len(pairs), f"checking {kind}", progress)
-    bad = orphans + [result for result in checked if result is not None]
-    if bad and on_bad_sample == "raise":
-        raise BadSampleError(kind, bad)
-    bad_names = {b.name for b in bad}
-    kept = [pair for pair in pairs if pair.name not in bad_names]
+    kept, bad = check_pairs(kind, pairs, orphans, on_bad_sample, num_proc, progress)
     if not kept:
         raise BadSampleError(kind, bad)
     total_bytes = sum(os.path.getsize(pair.image_path) for pair in kept)

@@ -520,12 +520,7 @@ def _load(
     features = dataset_features()
 
     if streaming:
-        checked = _progress(_iter_checked(kind, pairs, num_proc), len(pairs), f"checking {kind}", progress)
-        bad = orphans + [result for result in checked if result is not None]
-        if bad and on_bad_sample == "raise":
-            raise BadSampleError(kind, bad)
-        bad_names = {b.name for b in bad}
-        kept = [pair for pair in pairs if pair.name not in bad_names]
+        kept, bad = check_pairs(kind, pairs, orphans, on_bad_sample, num_proc, progress)
         report.skipped, report.num_kept = bad, len(kept)
         _log_report(report)
         dataset = datasets.IterableDataset.from_generator(
@@ -556,10 +551,7 @@ def _build_cache(kind, pairs, orphans, num_classes, on_bad_sample, report, targe
     import pyarrow as pa
 
     if on_bad_sample == "raise":  # fail fast with the full list from the cheap checks
-        checked = _progress(_iter_checked(kind, pairs, num_proc), len(pairs), f"checking {kind}", progress)
-        bad = orphans + [result for result in checked if result is not None]
-        if bad:
-            raise BadSampleError(kind, bad)
+        check_pairs(kind, pairs, orphans, on_bad_sample, num_proc, progress)
     schema = dataset_features().arrow_schema
     lut, known = _label_lut(kind, num_classes)
     totals = _Accumulator(len(lut), known)
@@ -601,6 +593,20 @@ def _example(name: str, image_path: str, label_png: bytes) -> dict:
         "label": {"bytes": label_png, "path": f"{name}_trainIds.png"},
         "name": name,
     }
+
+
+def check_pairs(kind, pairs, orphans, on_bad_sample, num_proc, progress) -> tuple[list, list[BadSample]]:
+    """Check every pair (cheap checks: files readable, sizes and label modes agree) -> ``(kept, bad)``.
+
+    ``bad`` is ``orphans`` plus every failing pair; with ``on_bad_sample="raise"`` any bad sample raises one
+    :class:`BadSampleError` that lists them all.
+    """
+    checked = _progress(_iter_checked(kind, pairs, num_proc), len(pairs), f"checking {kind}", progress)
+    bad = orphans + [result for result in checked if result is not None]
+    if bad and on_bad_sample == "raise":
+        raise BadSampleError(kind, bad)
+    bad_names = {sample.name for sample in bad}
+    return [pair for pair in pairs if pair.name not in bad_names], bad
 
 
 def _iter_checked(kind, pairs, num_proc) -> Iterator[BadSample | None]:

@@ -395,6 +395,19 @@ class UDATrainer:
             ).images
         return view
 
+    def target_views(self, batch):
+        """Target weak view (rescale, crop, flip; no labels) and the strong view of that weak crop, each with
+        its recorded geometry (``WeakView``, ``StrongView``; images N x 3 x h x w float in [0, 1])."""
+        data = self.args.data
+        weak = weak_augment(
+            to_float(batch["pixel_values"]),
+            None,
+            crop_size=tuple(data.crop_size),
+            scale_range=tuple(data.scale_range),
+            generator=self.generator,
+        )
+        return weak, strong_augment(weak.images, generator=self.generator)
+
     # ------------------------------------------------------------------ losses
     def source_losses(self, source_batch) -> dict[str, torch.Tensor]:
         """Warm-up step: ``L_src = CE(student(source crop), labels)`` at label resolution."""
@@ -414,17 +427,9 @@ class UDATrainer:
         ``L_REG`` (symmetric KL of the segmentation softmax, or the reference's one-direction KL of the SL head)
         are computed at decode resolution over pixels valid in both views.
         """
-        cpsl, data = self.args.cpsl, self.args.data
-        crop = tuple(data.crop_size)
+        cpsl = self.args.cpsl
         source = self._source_view(source_batch)
-        weak = weak_augment(
-            to_float(target_batch["pixel_values"]),
-            None,
-            crop_size=crop,
-            scale_range=tuple(data.scale_range),
-            generator=self.generator,
-        )
-        strong = strong_augment(weak.images, generator=self.generator)
+        weak, strong = self.target_views(target_batch)
 
         # Teacher on the weak view: P_ST, embeddings z', logits (all at decode resolution h x w).
         with torch.no_grad(), self.accelerator.autocast():
