@@ -40,6 +40,7 @@ DEFAULT_IGNORE_PATTERNS = (
     "random_states*",
     "training_state/*",
     "trainer_state/*",
+    "checkpoints/*",  # the trainer's resumable checkpoints (cpsl_hf.training.checkpointing)
 )
 
 #: Seconds allowed to connect to / hear back from the Hub on the first request before giving up.

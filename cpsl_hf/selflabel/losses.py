@@ -1,6 +1,11 @@
 """CPSL losses: the self-labeling cross-entropy, the weak/strong consistency KL (both directions, or one as the
 reference code), and the reverse / symmetric cross-entropy term of the reference code. All reductions are means
-over the valid rows/pixels, computed in float32 whatever the autocast mode."""
+over the valid rows/pixels, computed in float32 whatever the autocast mode.
+
+The consistency KL terms follow the reference code's reduction: its ``F.kl_div(..., reduction="none")`` is
+masked over all N x C x h x w elements and divided by the mask's sum, i.e. a mean over classes as well as over
+pixels (the pixel KL divided by C). Its weight lambda_2 = 5 is tuned for that scale: with a plain per-pixel
+KL the same weight would be C (19) times stronger."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ __all__ = ["one_way_kl", "rce_loss", "self_labeling_loss", "symmetric_ce_loss", 
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over the true entries of ``mask`` (same shape; all entries when None; 0 if none)."""
     if mask is None:
         return values.mean()
     weight = mask.to(values.dtype)
@@ -50,20 +56,22 @@ def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, valid_mask: torch.T
 def one_way_kl(
     logits_w: torch.Tensor, logits_s: torch.Tensor, valid_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``mean_i KL(P_w || P_s)`` over valid pixels (the reference code's consistency term; with
-    ``P = softmax(logits)``, both from the self-labeling head there). N x C x h x w logits, N x h x w mask."""
+    """``mean_i KL(P_w || P_s) / C`` over valid pixels ``i`` (the reference code's consistency term and its
+    reduction, see the module docstring; with ``P = softmax(logits)``, both from the self-labeling head there).
+    N x C x h x w logits, N x h x w mask."""
     _check_pair("one_way_kl", logits_w, logits_s, valid_mask)
     with torch.autocast(device_type=logits_s.device.type, enabled=False):
         log_w = F.log_softmax(logits_w.float(), dim=1)
         log_s = F.log_softmax(logits_s.float(), dim=1)
-        per_pixel = (log_w.exp() * (log_w - log_s)).sum(dim=1)
+        per_pixel = (log_w.exp() * (log_w - log_s)).mean(dim=1)
         return _masked_mean(per_pixel, valid_mask)
 
 
 def symmetric_kl(
     logits_w: torch.Tensor, logits_s: torch.Tensor, valid_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Paper Eq. 13: ``mean_i KL(P_w || P_s) + KL(P_s || P_w)`` over pixels valid in both views.
+    """Paper Eq. 13: ``mean_i (KL(P_w || P_s) + KL(P_s || P_w)) / C`` over pixels valid in both views (the
+    reference code's reduction, a mean over classes too: see the module docstring).
 
     Args:
         logits_w: N x C x h x w teacher logits on the weak view, already warped to the strong view.
@@ -75,7 +83,7 @@ def symmetric_kl(
     with torch.autocast(device_type=logits_s.device.type, enabled=False):
         log_w = F.log_softmax(logits_w.float(), dim=1)
         log_s = F.log_softmax(logits_s.float(), dim=1)
-        per_pixel = ((log_w.exp() - log_s.exp()) * (log_w - log_s)).sum(dim=1)
+        per_pixel = ((log_w.exp() - log_s.exp()) * (log_w - log_s)).mean(dim=1)
         return _masked_mean(per_pixel, valid_mask)
 
 

@@ -169,7 +169,13 @@ class CPSLArguments:
         default=0.0, metadata={"help": "Ignore pixels whose normalised P_SL*P_ST maximum is below this."}
     )
     lambda_sl: float = field(default=0.1, metadata={"help": "Weight lambda_1 of the self-labeling loss."})
-    lambda_reg: float = field(default=5.0, metadata={"help": "Weight lambda_2 of the consistency loss."})
+    lambda_reg: float = field(
+        default=5.0,
+        metadata={
+            "help": "Weight lambda_2 of the consistency loss, whose KL is averaged over classes as well as pixels "
+            "(the reference code's reduction, for which 5 is tuned)."
+        },
+    )
     consistency: Literal["symmetric", "reference"] = field(
         default="symmetric",
         metadata={
@@ -223,6 +229,41 @@ class UDATrainingArguments:
     )
     warmup_steps: int = field(default=400, metadata={"help": "Source-only warm-up iterations."})
     cpsl_steps: int = field(default=300, metadata={"help": "CPSL self-training iterations."})
+    distill_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "Distillation rounds after the CPSL stage (SPEC stage 3; the reference's stages 2 and 3, "
+            "2 rounds for the paper's 60.8 mIoU). Each round freezes the previous model, which gives hard "
+            "pseudo labels (flip-averaged, confidence > --distill_threshold), and trains a fresh student "
+            "(0: off)."
+        },
+    )
+    distill_steps: int = field(default=300, metadata={"help": "Iterations of each distillation round."})
+    distill_init: Literal["pretrained", "previous"] = field(
+        default="pretrained",
+        metadata={
+            "help": "Student at the start of each round: pretrained (the weights the run started from, before "
+            "the warm-up; the reference re-initialises from the pretrained backbone) or previous (a copy of the "
+            "frozen previous model)."
+        },
+    )
+    distill_threshold: float = field(
+        default=0.95,
+        metadata={
+            "help": "Hard pseudo labels: pixels whose flip-averaged confidence is <= this are ignored."
+        },
+    )
+    lambda_distill_kl: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of KL(P_prev(weak view) || P_student(strong view)) in a distillation round "
+            "(reference: --distillation 1)."
+        },
+    )
+    distill_source_loss: bool = field(
+        default=True,
+        metadata={"help": "Keep the source cross-entropy in the distillation rounds (reference)."},
+    )
     source_batch_size: int = field(default=8, metadata={"help": "Source images per process and step."})
     target_batch_size: int = field(default=8, metadata={"help": "Target images per process and step."})
     eval_batch_size: int = field(default=8, metadata={"help": "Validation images per process and batch."})
@@ -233,6 +274,13 @@ class UDATrainingArguments:
     )
     cpsl_lr_scale: float = field(
         default=1.0, metadata={"help": "Learning rates of the CPSL stage relative to the warm-up."}
+    )
+    distill_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning rates of the distillation rounds relative to the warm-up (the reference trains "
+            "its stages 2 and 3 at 6x the CPSL backbone rate: 6e-4)."
+        },
     )
     weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay."})
     sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
@@ -452,8 +500,23 @@ def validate_arguments(args: RunArguments) -> None:
     for name in ("warmup_steps", "cpsl_steps"):
         if getattr(training, name) < 0:
             raise ConfigurationError(f"--{name} must be >= 0")
-    if training.warmup_steps + training.cpsl_steps == 0:
-        raise ConfigurationError("--warmup_steps and --cpsl_steps are both 0: nothing to train")
+    if training.distill_rounds < 0:
+        raise ConfigurationError(f"--distill_rounds {training.distill_rounds} must be >= 0")
+    if training.distill_rounds > 0 and training.distill_steps < 1:
+        raise ConfigurationError(
+            f"--distill_steps {training.distill_steps}: --distill_rounds {training.distill_rounds} needs "
+            "--distill_steps >= 1"
+        )
+    if not 0.0 <= training.distill_threshold < 1.0:
+        raise ConfigurationError(f"--distill_threshold {training.distill_threshold} must lie in [0, 1)")
+    if training.lambda_distill_kl < 0:
+        raise ConfigurationError(f"--lambda_distill_kl {training.lambda_distill_kl} must be >= 0")
+    if training.distill_lr_scale <= 0:
+        raise ConfigurationError(f"--distill_lr_scale {training.distill_lr_scale} must be positive")
+    if training.warmup_steps + training.cpsl_steps + training.distill_rounds * training.distill_steps == 0:
+        raise ConfigurationError(
+            "--warmup_steps, --cpsl_steps and --distill_rounds are all 0: nothing to train"
+        )
     for name in (
         "source_batch_size",
         "target_batch_size",
@@ -481,8 +544,17 @@ def validate_arguments(args: RunArguments) -> None:
         raise ConfigurationError(f"--rectify_threshold {cpsl.rectify_threshold} must lie in [0, 1)")
     if not 0.0 <= cpsl.mix_prob <= 1.0:
         raise ConfigurationError(f"--mix_prob {cpsl.mix_prob} must lie in [0, 1]")
-    if training.push_to_hub and not training.hub_model_id:
-        raise ConfigurationError("--push_to_hub needs --hub_model_id USER/NAME")
+    if cpsl.pseudo_labels == "offline" and cpsl.init_max_images is not None:
+        raise ConfigurationError(
+            f"--init_max_images {cpsl.init_max_images} cannot be combined with --pseudo_labels offline: the "
+            "stored P_ST must cover every target training image (unset --init_max_images)"
+        )
+    hub_parts = (training.hub_model_id or "").split("/")
+    if training.push_to_hub and (len(hub_parts) != 2 or not all(hub_parts)):
+        raise ConfigurationError(
+            f"--push_to_hub needs --hub_model_id USER/NAME (got {training.hub_model_id!r}): the model card "
+            "names the repo in its loading code"
+        )
     if training.report_to == "wandb":
         import importlib.util
 

@@ -15,6 +15,12 @@ Stages, counted in global optimisation steps over endless source and target stre
 3. ``cpsl`` (steps ``[warmup_steps, warmup_steps + cpsl_steps)``): student + EMA teacher, weak/strong views,
    rectified labels and ``L_SL`` from :class:`cpsl_hf.selflabel.SelfLabeling`,
    ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``.
+4. ``distill1`` .. ``distillR`` (optional, ``--distill_rounds R`` rounds of ``--distill_steps`` each; SPEC.md
+   stage 3, the reference's stages 2 and 3): the previous model (the CPSL export choice for round 1, the
+   previous round's student after that) is frozen and gives hard pseudo labels on the target weak view
+   (softmax averaged over the image and its mirror image, confidence > ``--distill_threshold``); a fresh
+   student (``--distill_init``) learns ``L = L_src + CE(strong view, hard labels) + lambda_distill_kl
+   KL(P_prev || P_student)``. Each round restarts the learning-rate schedule and the optimiser state.
 
 Nothing in the per-step path moves a value to the host: losses and diagnostics are summed on the device and
 read every ``--logging_steps``.
@@ -22,6 +28,7 @@ read every ``--logging_steps``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -29,6 +36,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +59,7 @@ from cpsl_hf.data.transforms import (
 from cpsl_hf.selflabel import PrototypeAccumulator, SelfLabeling, class_histogram, one_way_kl, symmetric_kl
 from cpsl_hf.selflabel.losses import symmetric_ce_loss
 
-from .arguments import RunArguments, dataset_kind, validate_against_datasets
+from .arguments import RunArguments, UDATrainingArguments, dataset_kind, validate_against_datasets
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .ema import EMATeacher
 
@@ -60,6 +68,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 LOSS_NAMES = ("loss", "loss_source", "loss_target", "loss_sl", "loss_reg")
 DIAGNOSTIC_NAMES = ("changed_share", "prior_entropy", "bank_fill")
+DISTILL_PREFIX = "distill"
 PHOTOMETRIC_OPS = tuple(name for name in RANDAUGMENT_OPS if name not in GEOMETRIC_OPS)
 
 
@@ -150,19 +159,97 @@ def build_model(args: RunArguments) -> nn.Module:
     )
 
 
-def stage_lr_factor(
-    step: int, warmup_steps: int, cpsl_steps: int, lr_warmup_steps: int, power: float, cpsl_lr_scale: float
-) -> float:
-    """Learning-rate multiplier at global ``step``: per stage, a linear warm-up then a poly decay.
+def training_stages(training: UDATrainingArguments) -> list[tuple[str, int]]:
+    """The stages of a run in order, as ``(name, steps)``: ``warmup``, ``cpsl``, then ``distill1`` ..
+    ``distillR`` for ``--distill_rounds R`` (stages of 0 steps included: they are skipped when run)."""
+    rounds = [
+        (f"{DISTILL_PREFIX}{index}", training.distill_steps)
+        for index in range(1, training.distill_rounds + 1)
+    ]
+    return [("warmup", training.warmup_steps), ("cpsl", training.cpsl_steps), *rounds]
 
-    Each stage (source warm-up, CPSL) restarts the schedule, as the reference trains them as separate runs.
+
+def distill_round_of(stage: str) -> int:
+    """``distill3`` -> 3; any other stage name -> 0."""
+    return int(stage[len(DISTILL_PREFIX) :]) if stage.startswith(DISTILL_PREFIX) else 0
+
+
+def schedule_lr_factor(
+    step: int, stage_lengths: Sequence[int], stage_scales: Sequence[float], lr_warmup_steps: int, power: float
+) -> float:
+    """Learning-rate multiplier at global ``step`` for consecutive stages of ``stage_lengths`` steps.
+
+    Every stage restarts the schedule (the reference trains its stages as separate runs): a linear warm-up over
+    ``lr_warmup_steps``, then ``(1 - stage_step / stage_length) ** power``, times the stage's scale. Stages of 0
+    steps are skipped; past the last stage the factor is that of its end (0).
     """
-    if step < warmup_steps:
-        stage_step, stage_length, scale = step, warmup_steps, 1.0
-    else:
-        stage_step, stage_length, scale = step - warmup_steps, max(cpsl_steps, 1), cpsl_lr_scale
+    if len(stage_lengths) != len(stage_scales):
+        raise ValueError("schedule_lr_factor: one scale per stage is needed")
+    stage_start, stage_length, scale = 0, 1, 1.0
+    start = 0
+    for length, stage_scale in zip(stage_lengths, stage_scales, strict=True):
+        if length > 0:
+            stage_start, stage_length, scale = start, length, stage_scale
+            if step < start + length:
+                break
+        start += length
+    stage_step = step - stage_start
     ramp = min(1.0, (stage_step + 1) / lr_warmup_steps) if lr_warmup_steps > 0 else 1.0
     return scale * ramp * max(0.0, 1.0 - stage_step / stage_length) ** power
+
+
+def stage_lr_factor(
+    step: int,
+    warmup_steps: int,
+    cpsl_steps: int,
+    lr_warmup_steps: int,
+    power: float,
+    cpsl_lr_scale: float,
+    distill_steps: int = 0,
+    distill_rounds: int = 0,
+    distill_lr_scale: float = 1.0,
+) -> float:
+    """Learning-rate multiplier at global ``step``: per stage (warm-up, CPSL, each distillation round), a
+    linear warm-up then a poly decay (:func:`schedule_lr_factor`). CPSL runs at ``cpsl_lr_scale`` and the
+    distillation rounds at ``distill_lr_scale`` times the warm-up rates."""
+    return schedule_lr_factor(
+        step,
+        [warmup_steps, cpsl_steps] + [distill_steps] * distill_rounds,
+        [1.0, cpsl_lr_scale] + [distill_lr_scale] * distill_rounds,
+        lr_warmup_steps,
+        power,
+    )
+
+
+def flip_averaged_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``model`` averaged over the images and their horizontal mirror images (mirrored back).
+
+    Args:
+        model: returns an output with ``.logits`` N x C x h x w (callers run it under ``torch.no_grad()``).
+        images: N x 3 x H x W model input (normalised). Both orientations go through one forward pass.
+
+    Returns:
+        N x C x h x w float32 probabilities at the model's output resolution.
+    """
+    count = images.shape[0]
+    probabilities = model(torch.cat([images, images.flip(-1)])).logits.float().softmax(dim=1)
+    return (probabilities[:count] + probabilities[count:].flip(-1)) / 2
+
+
+def hard_pseudo_labels(
+    probabilities: torch.Tensor, threshold: float, valid_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Argmax labels of N x C x h x w ``probabilities``; 255 where the maximum is <= ``threshold`` (the
+    reference's ``lp[conf <= threshold] = 250``) or where ``valid_mask`` (N x h x w bool) is False.
+
+    Returns:
+        N x h x w int64 labels.
+    """
+    confidence, labels = probabilities.max(dim=1)
+    keep = confidence > threshold
+    if valid_mask is not None:
+        keep = keep & valid_mask
+    return torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
 
 
 class OfflinePseudoLabels:
@@ -225,6 +312,9 @@ class UDATrainer:
         self.cpsl_initialized = False
         self.self_labeling: SelfLabeling | None = None
         self.offline_labels: OfflinePseudoLabels | None = None
+        self.distill_round = 0  # the distillation round whose student is being trained (0: none yet)
+        self.previous_model: nn.Module | None = None  # frozen network that labels the current round's targets
+        self.initial_weights: dict[str, torch.Tensor] | None = None  # --distill_init pretrained
         self.output_dir = Path(args.training.output_dir)
         self.started = time.time()
 
@@ -262,6 +352,12 @@ class UDATrainer:
         self.num_classes = args.data.num_classes
         self.class_names = protocols.class_names(self.num_classes)
         self.embedding_dim = model.config.embedding_dim
+        if training.distill_rounds > 0 and training.distill_init == "pretrained":
+            # The students of the distillation rounds restart from these (rebuilt identically on resume: same
+            # seed, and loading the data draws nothing from the global generator).
+            self.initial_weights = {
+                name: value.detach().clone() for name, value in model.state_dict().items()
+            }
 
         groups = model.parameter_groups()
         lr = training.learning_rate
@@ -287,6 +383,9 @@ class UDATrainer:
             lr_warmup_steps=training.lr_warmup_steps,
             power=training.poly_power,
             cpsl_lr_scale=training.cpsl_lr_scale,
+            distill_steps=training.distill_steps,
+            distill_rounds=training.distill_rounds,
+            distill_lr_scale=training.distill_lr_scale,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: stage_lr_factor(step, **schedule)
@@ -539,6 +638,59 @@ class UDATrainer:
             **{name: result.diagnostics[name].detach() for name in DIAGNOSTIC_NAMES},
         }
 
+    def distill_losses(self, source_batch, target_batch) -> dict[str, torch.Tensor]:
+        """One distillation step (SPEC.md stage 3): ``L = L_src + L_tgt + lambda_distill_kl L_KL``.
+
+        The frozen previous model labels the target weak view: its softmax averaged over the view and its
+        mirror image gives ``P_prev`` (N x C x h x w, decode resolution) and the hard labels (argmax, 255 where
+        the confidence is <= ``--distill_threshold`` or outside the image). The student sees the strong view;
+        ``L_tgt`` is the cross-entropy to the hard labels warped onto it, ``L_KL = KL(P_prev || P_student)``
+        over the pixels valid in both views. ``source_batch`` None (``--no_distill_source_loss``) drops
+        ``L_src``.
+        """
+        training = self.args.training
+        source = None if source_batch is None else self._source_view(source_batch)
+        weak, strong = self.target_views(target_batch)
+
+        with torch.no_grad(), self.accelerator.autocast():
+            previous_probs = flip_averaged_probabilities(self.previous_model, normalize(weak.images))
+        decode_size = tuple(previous_probs.shape[-2:])
+        weak_valid = _resize_mask(weak.valid_mask, decode_size)
+        labels_weak = hard_pseudo_labels(previous_probs, training.distill_threshold, weak_valid)
+
+        student_inputs = [strong.images] if source is None else [source.images, strong.images]
+        with self.accelerator.autocast():
+            logits = self.model(normalize(torch.cat(student_inputs))).logits
+        num_target = strong.images.shape[0]
+        target_logits = logits[logits.shape[0] - num_target :]
+
+        # Weak-view labels and P_prev onto the strong view (P_prev and the weak view's validity in one warp).
+        labels_strong, _ = warp_to_view(
+            labels_weak, strong.params, decode_size, mode="nearest", fill=IGNORE_INDEX
+        )
+        warped, warped_valid = warp_to_view(
+            torch.cat([previous_probs, weak_valid[:, None].float()], dim=1),
+            strong.params,
+            decode_size,
+            mode="bilinear",
+        )
+        kl_valid = warped_valid & _resize_mask(strong.valid_mask, decode_size) & (warped[:, -1] > 0.5)
+        # log P_prev as logits: one_way_kl's log-softmax of it is log P_prev again (the clamp only keeps
+        # log 0 finite).
+        previous_log_probs = warped[:, :-1].clamp_min(torch.finfo(torch.float32).tiny).log()
+
+        loss_target = _masked_cross_entropy(target_logits, labels_strong)
+        loss_kl = one_way_kl(previous_log_probs, target_logits, kl_valid)
+        loss = loss_target + training.lambda_distill_kl * loss_kl
+        losses = {"loss_target": loss_target.detach(), "loss_kl": loss_kl.detach()}
+        if source is not None:
+            loss_source = _cross_entropy_at(logits[: source.images.shape[0]], source.labels)
+            loss = loss + loss_source
+            losses["loss_source"] = loss_source.detach()
+        labelled = (labels_weak != IGNORE_INDEX).float().sum()
+        losses["pseudo_label_share"] = labelled / weak_valid.float().sum().clamp_min(1.0)
+        return {"loss": loss, **losses}
+
     # ------------------------------------------------------------------ the init stage
     def build_self_labeling(self) -> SelfLabeling:
         cpsl = self.args.cpsl
@@ -628,14 +780,43 @@ class UDATrainer:
             local = torch.cat([tensor for _, tensor in parts])
         return OfflinePseudoLabels(names, local)
 
+    # ------------------------------------------------------------------ distillation rounds
+    @torch.no_grad()
+    def start_distill_round(self, round_index: int) -> None:
+        """Freeze the previous model and give the student its fresh start for round ``round_index`` (1-based).
+
+        The previous model is, for round 1, the network the CPSL stage exports (``--export_model``: student or
+        EMA teacher; the student when no CPSL stage ran), for later rounds the previous round's student. It is a
+        plain module (no DDP wrapper), without gradients, in eval mode. The student (``self.model``, already
+        prepared) is re-initialised in place: with the run's initial weights (``--distill_init pretrained``) or
+        with the previous model's (``previous``); its optimiser state starts empty, as at the CPSL init.
+        """
+        training = self.args.training
+        student = self.unwrapped
+        if round_index == 1 and self.cpsl_initialized and training.export_model == "teacher":
+            previous = self.teacher.module
+        else:
+            previous = student
+        if self.previous_model is None:
+            self.previous_model = _frozen_copy(previous)
+        else:
+            self.previous_model.load_state_dict(previous.state_dict())
+        if training.distill_init == "pretrained":
+            student.load_state_dict(self.initial_weights)
+        else:
+            student.load_state_dict(self.previous_model.state_dict())
+        self.optimizer.optimizer.state.clear()
+        self.distill_round = round_index
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, stage: str) -> dict[str, dict[str, Any]]:
-        """mIoU of the student (and the teacher in the CPSL stage) on the target validation split."""
+        """mIoU of the student (and the teacher in the CPSL stage) on the target validation split, recorded in
+        ``history[stage][step]`` (stages ``warmup``, ``cpsl``, ``distill1``, ...)."""
         from cpsl_hf.evaluation import evaluate_model
 
         training = self.args.training
         networks = {"student": self.unwrapped}
-        if stage != "warmup" and self.cpsl_initialized and training.eval_teacher:
+        if stage == "cpsl" and self.cpsl_initialized and training.eval_teacher:
             networks["teacher"] = self.teacher.module
         results = {}
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training.mixed_precision)
@@ -674,6 +855,8 @@ class UDATrainer:
             "teacher": self.teacher.state_dict(),
             "self_labeling": None if self.self_labeling is None else self.self_labeling.state_dict(),
             "offline_labels": None if self.offline_labels is None else self.offline_labels.state_dict(),
+            "distill_round": self.distill_round,
+            "previous_model": None if self.previous_model is None else self.previous_model.state_dict(),
             "history": self.history,
             "arguments": self.args.to_dict(),
         }
@@ -701,6 +884,10 @@ class UDATrainer:
             self.self_labeling.load_state_dict(trainer_state["self_labeling"])
         if trainer_state["offline_labels"] is not None:
             self.offline_labels = OfflinePseudoLabels.from_state_dict(trainer_state["offline_labels"])
+        self.distill_round = int(trainer_state.get("distill_round", 0))
+        if trainer_state.get("previous_model") is not None:
+            self.previous_model = _frozen_copy(self.unwrapped)
+            self.previous_model.load_state_dict(trainer_state["previous_model"])
         self.history = trainer_state["history"]
         self.source_loader.load_state_dict(process_state["source_loader"])
         self.target_loader.load_state_dict(process_state["target_loader"])
@@ -710,7 +897,14 @@ class UDATrainer:
 
     # ------------------------------------------------------------------ the loop
     def stage_at(self, step: int) -> str:
-        return "warmup" if step < self.args.training.warmup_steps else "cpsl"
+        """Name of the stage that global ``step`` belongs to (the last stage for steps past the end)."""
+        stages = training_stages(self.args.training)
+        start = 0
+        for name, length in stages:
+            if step < start + length:
+                return name
+            start += length
+        return stages[-1][0]
 
     def _evaluated(self, stage: str, step: int) -> bool:
         return str(step) in self.history.get(stage, {})
@@ -748,7 +942,9 @@ class UDATrainer:
         checkpoint = resolve_checkpoint(training.resume_from_checkpoint, self.output_dir)
         if checkpoint is not None:
             self.restore(checkpoint)
-        total = training.warmup_steps + training.cpsl_steps
+        stages = training_stages(training)
+        stage_ends = {sum(length for _, length in stages[: index + 1]) for index in range(len(stages))}
+        total = max(stage_ends)
         stop = total if training.stop_at_step is None else min(training.stop_at_step, total)
         progress = _progress_bar(total, self.step, accelerator.is_main_process and training.progress_bar)
         running: dict[str, torch.Tensor] = {}
@@ -767,14 +963,36 @@ class UDATrainer:
                     logger.info("stage init: teacher, prototypes and prior from the warm-up model")
                 self.initialize_cpsl()
                 self.model.train()
+            round_index = distill_round_of(stage)
+            if round_index and round_index != self.distill_round:
+                if not self.history:  # no warm-up or CPSL stage ran: record the starting point
+                    self.evaluate("warmup")
+                if accelerator.is_main_process:
+                    logger.info(
+                        "stage %s: hard labels from the frozen previous model, a fresh student (%s)",
+                        stage,
+                        training.distill_init,
+                    )
+                self.start_distill_round(round_index)
+                self.model.train()
             if progress is not None:
                 progress.set_description(stage)
             with accelerator.accumulate(self.model):
-                source_batch = self._next_batch(self.source_loader)
-                if stage == "warmup":
+                if round_index:
+                    source_batch = (
+                        self._next_batch(self.source_loader) if training.distill_source_loss else None
+                    )
+                    target_batch = self._next_batch(self.target_loader)
+                    losses = self.distill_losses(source_batch, target_batch)
+                    batch_images = target_batch["pixel_values"].shape[0] + (
+                        0 if source_batch is None else source_batch["pixel_values"].shape[0]
+                    )
+                elif stage == "warmup":
+                    source_batch = self._next_batch(self.source_loader)
                     losses = self.source_losses(source_batch)
                     batch_images = source_batch["pixel_values"].shape[0]
                 else:
+                    source_batch = self._next_batch(self.source_loader)
                     target_batch = self._next_batch(self.target_loader)
                     losses = self.cpsl_losses(source_batch, target_batch)
                     batch_images = (
@@ -814,7 +1032,7 @@ class UDATrainer:
                 elif accelerator.is_main_process:
                     logger.info("step %d/%d (%s): %s", self.step, total, stage, _format_logs(logs))
                 running, window_steps, window_images, window_start = {}, 0, 0, time.time()
-            end_of_stage = self.step in (training.warmup_steps, total)
+            end_of_stage = self.step in stage_ends
             periodic = bool(training.eval_steps) and self.step % training.eval_steps == 0
             if end_of_stage or periodic:
                 self.evaluate(self.stage_at(self.step - 1))
@@ -858,25 +1076,22 @@ class UDATrainer:
         """save_pretrained of the chosen network, metrics.json, model card, optional push; the final table."""
         accelerator, training = self.accelerator, self.args.training
         accelerator.wait_for_everyone()
-        network = (
-            self.unwrapped
-            if training.export_model == "student" or not self.cpsl_initialized
-            else self.teacher.module
-        )
+        exported_who = self.exported_network_name()
+        network = self.teacher.module if exported_who == "teacher" else self.unwrapped
         model_dir = self.output_dir
         network.save_pretrained(
             model_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )
         metrics_path = model_dir / "metrics.json"
-        final_stage = "cpsl" if "cpsl" in self.history else "warmup"
+        final_stage = [name for name, _ in training_stages(training) if name in self.history][-1]
         final_key = max(self.history[final_stage], key=int)
         final = self.history[final_stage][final_key]
-        exported = final.get(training.export_model, final["student"])
+        exported = final.get(exported_who, final["student"])
         training_info = self._training_info(final_stage, int(final_key))
         card_path = None
         if accelerator.is_main_process:
             document = {
-                "exported_model": training.export_model if self.cpsl_initialized else "student",
+                "exported_model": exported_who,
                 "final": {"stage": final_stage, "step": int(final_key), **exported},
                 "history": self.history,
                 "training": training_info,
@@ -893,13 +1108,20 @@ class UDATrainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             print(self.summary_table())
-            print(f"\nModel ({training.export_model}): {model_dir.resolve()}")
+            print(f"\nModel ({final_stage} {exported_who}): {model_dir.resolve()}")
             print(f"Metrics: {metrics_path.resolve()}")
             if card_path is not None:
                 print(f"Model card: {Path(card_path).resolve()}")
             if training.checkpointing_steps:
                 print(f"Checkpoints: {(self.output_dir / 'checkpoints').resolve()}")
             print(f"Total time: {time.time() - self.started:.0f} s")
+
+    def exported_network_name(self) -> str:
+        """``student`` or ``teacher``: the network :meth:`export` saves. After distillation rounds it is the last
+        round's student; otherwise ``--export_model`` (the student when no CPSL stage ran)."""
+        if self.distill_round > 0 or not self.cpsl_initialized:
+            return "student"
+        return self.args.training.export_model
 
     def _training_info(self, final_stage: str, final_step: int) -> dict[str, Any]:
         args = self.args
@@ -910,6 +1132,9 @@ class UDATrainer:
             "num_classes": args.data.num_classes,
             "warmup_steps": args.training.warmup_steps,
             "cpsl_steps": args.training.cpsl_steps,
+            "distill_rounds": args.training.distill_rounds,
+            "distill_steps": args.training.distill_steps if args.training.distill_rounds else 0,
+            "distill_init": args.training.distill_init if args.training.distill_rounds else None,
             "seed": args.training.seed,
             "config": args.training.config,
             "num_processes": self.accelerator.num_processes,
@@ -942,8 +1167,9 @@ class UDATrainer:
             "base_model": None if backbone in _preset_names() else backbone,
             "config": training.config or "defaults (configs/synthetic_demo.yaml)",
             "architecture": f"{backbone} ({self.unwrapped.config.decode_head} head, D={self.embedding_dim})",
-            "stage": f"{training_info['final_stage']} ({training.export_model})",
-            "steps": f"{training.warmup_steps} warm-up + {training.cpsl_steps} CPSL",
+            "stage": f"{training_info['final_stage']} ({self.exported_network_name()})",
+            "steps": f"{training.warmup_steps} warm-up + {training.cpsl_steps} CPSL"
+            + _distill_recipe(training),
             "batch_size": f"{training.source_batch_size} + {training.target_batch_size} per process "
             f"x {self.accelerator.num_processes} process(es)",
             "crop_size": f"{data.crop_size[0]} x {data.crop_size[1]}",
@@ -976,14 +1202,16 @@ class UDATrainer:
         )
 
     def summary_table(self) -> str:
-        """Per-class target IoU after the warm-up and after CPSL (student, teacher), as a Markdown table."""
+        """Per-class target IoU after the warm-up, after CPSL (student, teacher) and after each distillation
+        round (its student), as a Markdown table."""
         columns: list[tuple[str, dict[str, Any]]] = []
-        for stage in ("warmup", "cpsl"):
+        for stage, _ in training_stages(self.args.training):
             if stage not in self.history:
                 continue
             last = self.history[stage][max(self.history[stage], key=int)]
             for who, metrics in last.items():
-                columns.append((f"{stage} {who}" if stage == "cpsl" else "warm-up", metrics))
+                title = {"warmup": "warm-up", "cpsl": f"cpsl {who}"}.get(stage, stage)
+                columns.append((title, metrics))
         if not columns:
             return ""
         names = columns[0][1]["class_names"]
@@ -1018,6 +1246,33 @@ def _cross_entropy_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE of N x C x h x w logits to N x h x w labels, mean over the labelled pixels (0 when none is
+    labelled, where ``F.cross_entropy``'s mean would be NaN); float32."""
+    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    labelled = (labels != IGNORE_INDEX).float()
+    return per_pixel.sum() / labelled.sum().clamp_min(1.0)
+
+
+def _frozen_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` that never trains: no gradients, eval mode."""
+    frozen = copy.deepcopy(network)
+    frozen.requires_grad_(False)
+    return frozen.eval()
+
+
+def _distill_recipe(training: UDATrainingArguments) -> str:
+    """The model card's words for the distillation rounds ("" without)."""
+    if training.distill_rounds == 0:
+        return ""
+    start = "the initial weights" if training.distill_init == "pretrained" else "the previous model"
+    return (
+        f" + {training.distill_rounds} x {training.distill_steps} distillation (each round a fresh student "
+        f"from {start}; hard labels of confidence > {training.distill_threshold}, "
+        f"KL weight {training.lambda_distill_kl})"
+    )
 
 
 def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -1091,7 +1346,12 @@ __all__ = [
     "OfflinePseudoLabels",
     "UDATrainer",
     "build_model",
+    "distill_round_of",
+    "flip_averaged_probabilities",
+    "hard_pseudo_labels",
     "load_domain_dataset",
+    "schedule_lr_factor",
     "stage_lr_factor",
     "train",
+    "training_stages",
 ]

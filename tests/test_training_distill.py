@@ -1,0 +1,390 @@
+"""The distillation rounds after CPSL (SPEC.md stage 3) on tiny synthetic data: export, hard labels, the fresh
+student of each round, resume inside and across rounds, the schedule, bad configuration."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from cpsl_hf.training.arguments import ConfigurationError, parse_args
+from cpsl_hf.training.checkpointing import find_latest_checkpoint
+from cpsl_hf.training.trainer import (
+    UDATrainer,
+    build_model,
+    flip_averaged_probabilities,
+    hard_pseudo_labels,
+    stage_lr_factor,
+    training_stages,
+)
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic_cache")
+
+
+def tiny_argv(output_dir, cache, *extra):
+    """2 warm-up + 2 CPSL steps on 32 x 64 synthetic images, 32 x 32 crops, batch 2 + 2 (as test_training_run)."""
+    return [
+        "--output_dir", str(output_dir),
+        "--synthetic_cache_dir", str(cache),
+        "--synthetic_train_images", "8",
+        "--synthetic_val_images", "4",
+        "--synthetic_image_size", "32", "64",
+        "--crop_size", "32", "32",
+        "--source_batch_size", "2",
+        "--target_batch_size", "2",
+        "--eval_batch_size", "4",
+        "--samples_per_image", "16",
+        "--bank_size", "48",
+        "--warmup_steps", "2",
+        "--cpsl_steps", "2",
+        "--lr_warmup_steps", "0",
+        "--logging_steps", "1",
+        "--save_predictions", "0",
+        "--no_progress_bar",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(argv, trainer_class=UDATrainer) -> UDATrainer:
+    trainer = trainer_class(parse_args(argv))
+    trainer.train()
+    return trainer
+
+
+def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+def _assert_equal_states(actual: dict, expected: dict, what: str) -> None:
+    assert actual.keys() == expected.keys(), what
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=f"{what}: {name}")
+
+
+def _differs(first: dict, second: dict) -> bool:
+    return any(not torch.equal(first[name], second[name]) for name in first)
+
+
+# ------------------------------------------------------------------------------------------------ a whole run
+def test_two_rounds_export_the_last_student(tmp_path, synthetic_cache, capsys):
+    from transformers import AutoModel
+
+    out = tmp_path / "run"
+    trainer = run(
+        tiny_argv(
+            out, synthetic_cache, "--eval_steps", "1", "--distill_rounds", "2", "--distill_steps", "2",
+            "--distill_threshold", "0.0", "--save_predictions", "1",
+        )
+    )  # fmt: skip
+    assert trainer.step == 8 and trainer.distill_round == 2
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert list(history) == ["warmup", "cpsl", "distill1", "distill2"]
+    assert sorted(history["distill1"], key=int) == ["5", "6"]
+    assert sorted(history["distill2"], key=int) == ["7", "8"]
+    for stage in ("distill1", "distill2"):
+        for evaluation in history[stage].values():
+            assert set(evaluation) == {"student"}  # the frozen model is not a network of the round
+            assert len(evaluation["student"]["per_category_iou"]) == 19
+    assert set(history["cpsl"]["4"]) == {"student", "teacher"}
+    assert metrics["exported_model"] == "student"
+    assert metrics["final"]["stage"] == "distill2" and metrics["final"]["step"] == 8
+    assert metrics["final"]["mean_iou"] == history["distill2"]["8"]["student"]["mean_iou"]
+    assert metrics["training"]["distill_rounds"] == 2 and metrics["training"]["distill_init"] == "pretrained"
+    assert (out / "predictions" / "distill2-step000008").is_dir()
+
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("| class |"))
+    assert header == "| class | warm-up | cpsl student | cpsl teacher | distill1 | distill2 |"
+    assert "distill2 student" in printed  # the "Model (...)" line names what was exported
+    card = (out / "README.md").read_text()
+    assert "2 x 2 distillation" in card and "distill2 (student)" in card
+
+    model = AutoModel.from_pretrained(out)
+    _assert_equal_states(model.state_dict(), trainer.unwrapped.state_dict(), "exported vs last student")
+    # The last round's student is not its frozen labeller (round 1's final student).
+    assert _differs(trainer.unwrapped.state_dict(), trainer.previous_model.state_dict())
+    assert not any(p.requires_grad for p in trainer.previous_model.parameters())
+    assert not trainer.previous_model.training
+
+
+# ------------------------------------------------------------------------------------------------ hard labels
+class PixelwiseModel(nn.Module):
+    """Logits ``weight[c] * x[:, c % 3] + bias[c, column]``: elementwise, so every pixel's output is exact
+    whatever the batch it is computed in; the column-dependent bias makes a mirror image give other logits."""
+
+    def __init__(self, num_classes: int = 5, width: int = 6):
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.weight = nn.Parameter(torch.randn(num_classes, generator=generator) * 4)
+        self.bias = nn.Parameter(torch.randn(num_classes, 1, width, generator=generator) * 2)
+        self.channels = [c % 3 for c in range(num_classes)]
+
+    def forward(self, pixel_values):
+        logits = pixel_values[:, self.channels] * self.weight[None, :, None, None] + self.bias[None]
+        return SimpleNamespace(logits=logits)
+
+
+def _independent_flip_average(model, images):
+    with torch.no_grad():
+        plain = model(images).logits.softmax(dim=1)
+        mirrored = model(images.flip(-1)).logits.softmax(dim=1).flip(-1)
+    return (plain + mirrored) / 2
+
+
+def test_hard_labels_average_the_mirror_image_and_drop_unconfident_pixels():
+    model = PixelwiseModel()
+    images = torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probabilities = flip_averaged_probabilities(model, images)
+    expected = _independent_flip_average(model, images)
+    torch.testing.assert_close(probabilities, expected, rtol=0, atol=0)
+    assert not torch.allclose(probabilities, model(images).logits.softmax(dim=1))  # the mirror image counts
+
+    confidence, argmax = expected.max(dim=1)
+    threshold = float(confidence[0, 1, 2])  # a pixel exactly at the threshold is dropped (<=)
+    valid = torch.ones(2, 4, 6, dtype=torch.bool)
+    valid[1, :, 0] = False
+    labels = hard_pseudo_labels(probabilities, threshold, valid)
+    expected_labels = torch.where((confidence > threshold) & valid, argmax, torch.full_like(argmax, 255))
+    assert torch.equal(labels, expected_labels)
+    assert labels.dtype == torch.int64 and int(labels[0, 1, 2]) == 255
+    assert bool((labels != 255).any()) and bool((labels == 255).sum() > 6)
+    assert bool((labels[1, :, 0] == 255).all())
+    assert torch.equal(hard_pseudo_labels(probabilities, 0.0), argmax)  # threshold 0 keeps every pixel
+
+
+def test_flip_average_of_a_real_network():
+    """The CPSL network (SegFormer preset): one batched forward of both orientations equals two forwards."""
+    args = parse_args([])
+    torch.manual_seed(0)
+    model = build_model(args).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        probabilities = flip_averaged_probabilities(model, images)
+    torch.testing.assert_close(probabilities, _independent_flip_average(model, images))
+    assert probabilities.shape == (2, 19, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------ round starts
+class RecordingTrainer(UDATrainer):
+    """Records the networks just before and just after each round's start."""
+
+    def start_distill_round(self, round_index: int) -> None:
+        before = {
+            "student": _copy(self.unwrapped.state_dict()),
+            "teacher": _copy(self.teacher.module.state_dict()),
+        }
+        super().start_distill_round(round_index)
+        after = {
+            "student": _copy(self.unwrapped.state_dict()),
+            "previous": _copy(self.previous_model.state_dict()),
+            "optimizer_state": len(self.optimizer.optimizer.state),
+        }
+        self.recorded = getattr(self, "recorded", {})
+        self.recorded[round_index] = (before, after)
+
+
+def test_pretrained_init_restarts_from_the_initial_weights(tmp_path, synthetic_cache):
+    from accelerate.utils import set_seed
+
+    argv = tiny_argv(
+        tmp_path / "pretrained", synthetic_cache, "--distill_rounds", "2", "--distill_steps", "1"
+    )
+    trainer = run(argv, RecordingTrainer)
+    set_seed(0)  # --seed 0: what build_model gives the run before its warm-up
+    initial = build_model(parse_args(argv)).state_dict()
+
+    before, after = trainer.recorded[1]
+    _assert_equal_states(after["previous"], before["student"], "round 1 labeller = CPSL student")
+    _assert_equal_states(after["student"], initial, "round 1 student = initial weights")
+    assert _differs(before["student"], initial)  # warm-up and CPSL did change the weights
+    assert after["optimizer_state"] == 0
+    before, after = trainer.recorded[2]
+    _assert_equal_states(after["previous"], before["student"], "round 2 labeller = round 1 student")
+    _assert_equal_states(after["student"], initial, "round 2 student = initial weights")
+
+
+def test_previous_init_copies_the_exported_teacher(tmp_path, synthetic_cache):
+    argv = tiny_argv(
+        tmp_path / "previous", synthetic_cache, "--distill_rounds", "1", "--distill_steps", "1",
+        "--distill_init", "previous", "--export_model", "teacher", "--no_distill_source_loss",
+    )  # fmt: skip
+    trainer = run(argv, RecordingTrainer)
+    before, after = trainer.recorded[1]
+    _assert_equal_states(after["previous"], before["teacher"], "labeller = CPSL export (EMA teacher)")
+    _assert_equal_states(after["student"], before["teacher"], "student = copy of the labeller")
+    assert _differs(before["student"], before["teacher"])
+    metrics = json.loads((tmp_path / "previous" / "metrics.json").read_text())
+    assert metrics["exported_model"] == "student"  # after distillation: the last round's student
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def _state(trainer: UDATrainer) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in trainer.unwrapped.state_dict().items()}
+    state.update({f"previous.{k}": v for k, v in trainer.previous_model.state_dict().items()})
+    state.update(
+        {f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items() if isinstance(v, torch.Tensor)}
+    )
+    state.update({f"selflabel.{k}": v for k, v in trainer.self_labeling.state_dict().items()})
+    return state
+
+
+def test_resume_inside_and_at_the_end_of_a_round_equals_a_straight_run(tmp_path, synthetic_cache):
+    common = (
+        "--deterministic", "--distill_rounds", "2", "--distill_steps", "3", "--distill_threshold", "0.0",
+        "--checkpointing_steps", "100",
+    )  # fmt: skip
+    straight = run(tiny_argv(tmp_path / "straight", synthetic_cache, *common))
+    assert straight.step == 10
+
+    resumed_dir = tmp_path / "resumed"
+    first = run(tiny_argv(resumed_dir, synthetic_cache, *common, "--stop_at_step", "6"))
+    assert (first.step, first.distill_round) == (6, 1)  # 2 of round 1's 3 steps done
+    assert find_latest_checkpoint(resumed_dir).name == "checkpoint-6"
+    resume = ("--resume_from_checkpoint", "latest")
+    second = run(tiny_argv(resumed_dir, synthetic_cache, *common, *resume, "--stop_at_step", "7"))
+    assert (second.step, second.distill_round) == (7, 1)  # stopped exactly at the end of round 1
+    last = run(tiny_argv(resumed_dir, synthetic_cache, *common, *resume))
+    assert (last.step, last.distill_round) == (10, 2)
+
+    expected = _state(straight)
+    _assert_equal_states(_state(last), expected, "resumed vs straight")
+    assert last.history.keys() == straight.history.keys()
+    for stage in ("distill1", "distill2"):
+        assert last.history[stage] == straight.history[stage]
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from cpsl_hf.training.arguments import parse_args
+    from cpsl_hf.training.trainer import UDATrainer
+
+    trainer = UDATrainer(parse_args(sys.argv[2:]))
+    trainer.train()
+    state = {
+        "student": trainer.unwrapped.state_dict(),
+        "previous": trainer.previous_model.state_dict(),
+        "world": trainer.accelerator.num_processes,
+        "previous_is_plain": type(trainer.previous_model).__name__,
+    }
+    torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_distill_identically(tmp_path, synthetic_cache):
+    run(
+        tiny_argv(tmp_path / "warm", synthetic_cache, "--warmup_steps", "1", "--cpsl_steps", "0")
+    )  # data cache
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
+    argv = tiny_argv(
+        tmp_path / "ddp", synthetic_cache, "--source_batch_size", "1", "--target_batch_size", "1",
+        "--distill_rounds", "2", "--distill_steps", "2", "--distill_threshold", "0.0", "--checkpointing_steps", "5",
+    )  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(driver), str(tmp_path), *argv,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert rank0["world"] == rank1["world"] == 2
+    assert rank0["previous_is_plain"] == "CPSLForSemanticSegmentation"  # not wrapped in DDP
+    for part in ("student", "previous"):
+        _assert_equal_states(rank1[part], rank0[part], f"rank 1 vs rank 0 {part}")
+    assert (tmp_path / "ddp" / "checkpoints" / "checkpoint-5" / "COMPLETE").is_file()  # saved inside round 1
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["final"]["stage"] == "distill2"
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def test_every_round_is_a_stage_that_restarts_the_schedule():
+    args = parse_args(
+        ["--warmup_steps", "10", "--cpsl_steps", "20", "--distill_rounds", "2", "--distill_steps", "5"]
+    )
+    assert training_stages(args.training) == [("warmup", 10), ("cpsl", 20), ("distill1", 5), ("distill2", 5)]
+    trainer = UDATrainer(args)
+    stages = [trainer.stage_at(step) for step in (0, 9, 10, 29, 30, 34, 35, 39, 40)]
+    assert stages == [
+        "warmup",
+        "warmup",
+        "cpsl",
+        "cpsl",
+        "distill1",
+        "distill1",
+        "distill2",
+        "distill2",
+        "distill2",
+    ]
+
+    schedule = dict(
+        warmup_steps=10, cpsl_steps=20, lr_warmup_steps=2, power=1.0, cpsl_lr_scale=0.5,
+        distill_steps=5, distill_rounds=2, distill_lr_scale=3.0,
+    )  # fmt: skip
+    assert stage_lr_factor(29, **schedule) == pytest.approx(0.5 * (1 - 19 / 20))
+    assert stage_lr_factor(30, **schedule) == pytest.approx(3.0 * 0.5)  # round 1: warm-up ramp restarts
+    assert stage_lr_factor(33, **schedule) == pytest.approx(3.0 * (1 - 3 / 5))
+    assert stage_lr_factor(35, **schedule) == pytest.approx(3.0 * 0.5)  # round 2 restarts again
+    assert stage_lr_factor(36, **schedule) == pytest.approx(3.0 * (1 - 1 / 5))
+    assert stage_lr_factor(40, **schedule) == 0.0
+    # Without rounds the schedule is the two-stage one.
+    two_stages = dict(schedule, distill_rounds=0)
+    assert stage_lr_factor(30, **two_stages) == 0.0
+    assert stage_lr_factor(12, **two_stages) == pytest.approx(0.5 * (1 - 2 / 20))
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--distill_rounds", "1", "--distill_steps", "0"], "--distill_steps"),
+        (["--distill_rounds", "-1"], "--distill_rounds"),
+        (["--distill_threshold", "1.0"], "--distill_threshold"),
+        (["--distill_threshold", "-0.1"], "--distill_threshold"),
+        (["--lambda_distill_kl", "-1"], "--lambda_distill_kl"),
+        (["--distill_lr_scale", "0"], "--distill_lr_scale"),
+        (["--warmup_steps", "0", "--cpsl_steps", "0"], "--distill_rounds"),
+    ],
+)
+def test_bad_distillation_settings_name_the_argument(argv, named):
+    with pytest.raises(ConfigurationError, match=named):
+        parse_args(argv)
+
+
+def test_distillation_settings_from_a_recipe(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("training:\n  distill_rounds: 2\n  distill_init: imagenet\n")
+    with pytest.raises(ConfigurationError, match="--distill_init"):
+        parse_args(["--config", str(config)])
+    config.write_text("training:\n  distill_rounds: 2\n  distill_source_loss: false\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.training.distill_rounds, args.training.distill_source_loss) == (2, False)
+    # Distillation alone (e.g. from a finished CPSL checkpoint) is a run with something to train.
+    args = parse_args(["--warmup_steps", "0", "--cpsl_steps", "0", "--distill_rounds", "1"])
+    assert [name for name, _ in training_stages(args.training)] == ["warmup", "cpsl", "distill1"]
+    defaults = parse_args([]).training
+    assert (defaults.distill_rounds, defaults.distill_threshold, defaults.distill_init) == (
+        0,
+        0.95,
+        "pretrained",
+    )
+    assert (defaults.lambda_distill_kl, defaults.distill_source_loss) == (1.0, True)

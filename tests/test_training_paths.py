@@ -1,0 +1,376 @@
+"""Trainer paths beyond the plain run: ``--push_to_hub`` to a loopback Hub, and ``--pseudo_labels offline``
+initialised by two processes (torchrun, gloo on CPU) against a single-process initialisation."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from hub_server import LocalHub
+from huggingface_hub import ModelCard
+
+from cpsl_hf.data.synthetic import load_synthetic
+from cpsl_hf.data.transforms import normalize, to_float
+from cpsl_hf.hub import HubError
+from cpsl_hf.training.arguments import ConfigurationError, parse_args
+from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer, build_model
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+TOKEN = "hf_test_token"
+IMAGE_SIZE = (32, 64)
+#: Odd, so that two processes get unequal shards (5 + 4) of the target training set.
+TRAIN_IMAGES = 9
+VAL_IMAGES = 2
+#: What ``save_pretrained`` of a CPSL model writes (weights, config, image processor, remote code).
+MODEL_FILES = {
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "configuration_cpsl.py",
+    "modeling_cpsl.py",
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    """The three synthetic splits a run reads, generated once so that runs (and torchrun ranks) only read."""
+    cache = tmp_path_factory.mktemp("synthetic_cache")
+    for domain, split, count in (
+        ("source", "train", TRAIN_IMAGES),
+        ("target", "train", TRAIN_IMAGES),
+        ("target", "validation", VAL_IMAGES),
+    ):
+        load_synthetic(domain, split, num_images=count, image_size=IMAGE_SIZE, seed=0, cache_dir=cache)
+    return cache
+
+
+def tiny_argv(output_dir, cache, *extra):
+    """1 warm-up + 1 CPSL step on 32 x 64 synthetic images (32 x 32 crops), 2 validation strips."""
+    return [
+        "--output_dir", str(output_dir),
+        "--synthetic_cache_dir", str(cache),
+        "--synthetic_train_images", str(TRAIN_IMAGES),
+        "--synthetic_val_images", str(VAL_IMAGES),
+        "--synthetic_image_size", *map(str, IMAGE_SIZE),
+        "--crop_size", "32", "32",
+        "--source_batch_size", "2",
+        "--target_batch_size", "2",
+        "--eval_batch_size", "1",
+        "--samples_per_image", "16",
+        "--bank_size", "48",
+        "--warmup_steps", "1",
+        "--cpsl_steps", "1",
+        "--lr_warmup_steps", "0",
+        "--logging_steps", "1",
+        "--save_predictions", "2",
+        "--no_progress_bar",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(argv) -> UDATrainer:
+    trainer = UDATrainer(parse_args(argv))
+    trainer.train()
+    return trainer
+
+
+def _online(monkeypatch, tmp_path, endpoint: str, token: str = TOKEN) -> None:
+    """Undo the test-wide offline mode for the in-process client; the token comes from HF_TOKEN only."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", token)
+
+
+def _files(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+
+def _assert_local_export_complete(trainer: UDATrainer, folder: Path) -> None:
+    """The exported model equals the trainer's student; metrics, card and prediction strips are written."""
+    from transformers import AutoModel
+
+    assert MODEL_FILES | {"metrics.json", "README.md"} <= _files(folder)
+    saved = AutoModel.from_pretrained(folder).state_dict()
+    live = trainer.unwrapped.state_dict()
+    assert saved.keys() == live.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, live[name], rtol=0, atol=0, msg=name)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["final"]["step"] == trainer.step
+    strips = sorted((folder / "predictions").glob("*.png"))
+    assert len(strips) == VAL_IMAGES
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.eval_results[0].metric_value == metrics["final"]["mean_iou"]
+    assert f"predictions/{strips[0].name}" in card.text
+
+
+# ---------------------------------------------------------------------------------------------- --push_to_hub
+
+
+def test_push_to_hub_uploads_exactly_the_exported_folder(tmp_path, monkeypatch, synthetic_cache, capsys):
+    output = tmp_path / "run"
+    with LocalHub(tmp_path / "server") as server:
+        _online(monkeypatch, tmp_path, server.endpoint)
+        trainer = run(
+            tiny_argv(
+                output, synthetic_cache, "--push_to_hub", "--hub_model_id", "tester/cpsl-run", "--hub_private"
+            )
+        )
+    assert f"Pushed to {server.endpoint}/tester/cpsl-run" in capsys.readouterr().out
+    assert server.unexpected == []
+    assert server.created == [
+        {"repo_id": "tester/cpsl-run", "name": "cpsl-run", "organization": "tester", "visibility": "private",
+         "type": "model"}
+    ]  # fmt: skip
+    assert [commit["repo_id"] for commit in server.commits] == ["tester/cpsl-run"]
+    assert sum(route == "/api/whoami-v2" for _, route in server.requests) == 1
+
+    _assert_local_export_complete(trainer, output)
+    arrived = server.repo_dir("tester/cpsl-run")
+    local = _files(output)
+    # The model, its metrics and card, the strips of the exported model and of each evaluation: all of it.
+    strips = {f"predictions/{path.name}" for path in (output / "predictions").glob("*.png")}
+    evaluations = {
+        f"predictions/{folder}/{path.name}"
+        for folder in ("warmup-step000001", "cpsl-step000002")
+        for path in (output / "predictions" / folder).glob("*.png")
+    }
+    assert len(strips) == VAL_IMAGES and len(evaluations) == 2 * VAL_IMAGES
+    assert local == MODEL_FILES | {"metrics.json", "README.md"} | strips | evaluations
+    assert _files(arrived) == local
+    for name in local:
+        assert (arrived / name).read_bytes() == (output / name).read_bytes(), name
+    card = ModelCard.load(arrived / "README.md")
+    assert 'from_pretrained("tester/cpsl-run"' in card.text
+
+
+def test_push_to_hub_keeps_resumable_checkpoints_local(tmp_path, monkeypatch, synthetic_cache):
+    output = tmp_path / "run"
+    with LocalHub(tmp_path / "server") as server:
+        _online(monkeypatch, tmp_path, server.endpoint)
+        run(
+            tiny_argv(
+                output, synthetic_cache, "--cpsl_steps", "0", "--save_predictions", "0",
+                "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "tester/cpsl-ckpt",
+            )
+        )  # fmt: skip
+    assert (output / "checkpoints" / "checkpoint-1" / "model.safetensors").is_file()  # kept locally
+    assert _files(server.repo_dir("tester/cpsl-ckpt")) == MODEL_FILES | {"metrics.json", "README.md"}
+
+
+@pytest.mark.parametrize("hub_model_id", ["cpsl-bare", "a/b/c", "/cpsl", "tester/"])
+def test_push_to_hub_needs_a_namespaced_repo_before_training(tmp_path, synthetic_cache, hub_model_id):
+    # The card is written before the push and names the repo in its loading code, so a bare NAME (created as
+    # USER/NAME by the Hub) would document a repo that does not exist: refused before any training.
+    argv = tiny_argv(
+        tmp_path / "run",
+        synthetic_cache,
+        "--cpsl_steps",
+        "0",
+        "--push_to_hub",
+        "--hub_model_id",
+        hub_model_id,
+    )
+    with pytest.raises(ConfigurationError, match="--hub_model_id USER/NAME"):
+        parse_args(argv)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("failure", ["rejected token", "closed port"])
+def test_failed_push_ends_the_run_after_the_local_export(tmp_path, monkeypatch, synthetic_cache, failure):
+    output = tmp_path / "run"
+    argv = tiny_argv(
+        output, synthetic_cache, "--cpsl_steps", "0", "--push_to_hub", "--hub_model_id", "tester/cpsl-fail"
+    )
+    with LocalHub(tmp_path / "server") as server:
+        if failure == "rejected token":
+            _online(monkeypatch, tmp_path, server.endpoint, token="hf_wrong")
+            expected = f"the Hub at {server.endpoint} rejected the token"
+        else:
+            with socket.socket() as probe:  # a port nobody listens on
+                probe.bind(("127.0.0.1", 0))
+                closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+            _online(monkeypatch, tmp_path, closed)
+            expected = f"cannot reach the Hugging Face Hub at {closed}"
+        trainer = UDATrainer(parse_args(argv))
+        with pytest.raises(HubError, match=expected):
+            trainer.train()
+    assert trainer.step == 1
+    _assert_local_export_complete(trainer, output)
+    assert server.created == [] and server.commits == []
+    assert server.requests == ([("GET", "/api/whoami-v2")] if failure == "rejected token" else [])
+
+
+# ------------------------------------------------------------------------------------ --pseudo_labels offline
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from cpsl_hf.training.arguments import parse_args
+    from cpsl_hf.training.trainer import UDATrainer
+
+    out = sys.argv[1]
+
+
+    class Recorded(UDATrainer):
+        def initialize_cpsl(self):
+            rank = self.accelerator.process_index
+            warmup = {name: tensor.clone() for name, tensor in self.unwrapped.state_dict().items()}
+            super().initialize_cpsl()
+            torch.save(
+                {
+                    "warmup": warmup,
+                    "offline": self.offline_labels.state_dict(),
+                    "prototypes": self.unwrapped.self_labeling_head.prototypes.detach().clone(),
+                    "prior": self.self_labeling.state_dict(),
+                },
+                f"{out}/init_rank{rank}.pt",
+            )
+
+
+    trainer = Recorded(parse_args(sys.argv[2:]))
+    trainer.train()
+    final = {
+        "student": trainer.unwrapped.state_dict(),
+        "teacher": trainer.teacher.module.state_dict(),
+        "selflabel": trainer.self_labeling.state_dict(),
+        "offline": trainer.offline_labels.state_dict(),
+        "world": trainer.accelerator.num_processes,
+    }
+    torch.save(final, f"{out}/final_rank{trainer.accelerator.process_index}.pt")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def two_process_offline_run(tmp_path_factory, synthetic_cache):
+    """One torchrun of 2 gloo processes with --pseudo_labels offline on 9 target images, pushing to a loopback
+    Hub at the end; returns (folder with the ranks' records, argv, the server, the ranks' stdout)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    driver = folder / "driver.py"
+    driver.write_text(DRIVER)
+    argv = tiny_argv(
+        folder / "run", synthetic_cache, "--pseudo_labels", "offline", "--cpsl_steps", "2",
+        "--source_batch_size", "1", "--target_batch_size", "1", "--save_predictions", "0",
+    )  # fmt: skip
+    with LocalHub(folder / "server") as server:
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPOSITORY),
+            "HF_HUB_OFFLINE": "0",
+            "HF_ENDPOINT": server.endpoint,
+            "HF_TOKEN": TOKEN,
+            "HF_HOME": str(folder / "hf_home"),
+        }
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(driver), str(folder), *argv, "--push_to_hub", "--hub_model_id", "tester/cpsl-ddp",
+        ]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder, argv, server, result.stdout
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.slow
+def test_offline_pseudo_labels_two_processes_equal_one(two_process_offline_run):
+    folder, argv, _, _ = two_process_offline_run
+    init = [_load(folder / f"init_rank{rank}.pt") for rank in (0, 1)]
+    final = [_load(folder / f"final_rank{rank}.pt") for rank in (0, 1)]
+    assert final[0]["world"] == final[1]["world"] == 2  # real data parallelism, not two lone runs
+
+    # Both ranks hold the same maps, in the same order, covering every target training image exactly once.
+    names = init[0]["offline"]["names"]
+    assert init[1]["offline"]["names"] == names
+    assert torch.equal(init[0]["offline"]["probabilities"], init[1]["offline"]["probabilities"])
+    target = load_synthetic(
+        "target", "train", num_images=TRAIN_IMAGES, image_size=IMAGE_SIZE, seed=0,
+        cache_dir=argv[argv.index("--synthetic_cache_dir") + 1],
+    )  # fmt: skip
+    assert len(names) == len(set(names)) == TRAIN_IMAGES
+    assert sorted(names) == sorted(target["name"])
+    stored = OfflinePseudoLabels.from_state_dict(init[0]["offline"])
+    assert stored.probabilities.dtype == torch.uint8
+    assert stored.probabilities.shape == (TRAIN_IMAGES, 19, IMAGE_SIZE[0] // 4, IMAGE_SIZE[1] // 4)
+    assert len(stored.index) == TRAIN_IMAGES
+
+    # A single-process initialisation from the same warm-up weights stores the same maps, byte for byte.
+    for name, tensor in init[0]["warmup"].items():
+        torch.testing.assert_close(init[1]["warmup"][name], tensor, rtol=0, atol=0, msg=name)
+    single_argv = list(argv)
+    single_argv[argv.index("--output_dir") + 1] = str(folder / "single")
+    single = UDATrainer(parse_args(single_argv))
+    single.setup()
+    single.unwrapped.load_state_dict(init[0]["warmup"])
+    single.initialize_cpsl()
+    assert sorted(single.offline_labels.index) == sorted(names)
+    for name in names:
+        assert torch.equal(
+            stored.probabilities[stored.index[name]],
+            single.offline_labels.probabilities[single.offline_labels.index[name]],
+        ), name
+    # ... and both equal the warm-up model's softmax computed here image by image (round(255 p)).
+    model = build_model(single.args)
+    model.load_state_dict(init[0]["warmup"])
+    model.eval()
+    for sample in target:
+        pixels = torch.from_numpy(np.asarray(sample["image"]).copy()).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            probs = model(normalize(to_float(pixels))).logits.softmax(dim=1)
+        expected = (probs * 255.0).round().to(torch.uint8)[0]
+        assert torch.equal(stored.probabilities[stored.index[sample["name"]]], expected), sample["name"]
+    # The prior (a histogram of integer counts) is exact; the prototypes (all-reduced class means) agree up to
+    # the order of the sums.
+    prior = single.self_labeling.prior.distribution
+    for rank in (0, 1):
+        torch.testing.assert_close(init[rank]["prior"]["prior.distribution"], prior, rtol=0, atol=0)
+        torch.testing.assert_close(
+            init[rank]["prototypes"], single.unwrapped.self_labeling_head.prototypes, rtol=1e-5, atol=1e-6
+        )
+
+    # The run completes with identical networks, self-labeling state and stored maps on both ranks.
+    for part in ("student", "teacher", "selflabel"):
+        for name, tensor in final[0][part].items():
+            torch.testing.assert_close(final[1][part][name], tensor, rtol=0, atol=0, msg=f"{part}.{name}")
+    assert final[0]["offline"]["names"] == final[1]["offline"]["names"] == names
+    assert torch.equal(final[0]["offline"]["probabilities"], init[0]["offline"]["probabilities"])
+
+
+@pytest.mark.slow
+def test_only_the_main_process_pushes(two_process_offline_run):
+    folder, _, server, stdout = two_process_offline_run
+    assert stdout.count(f"Pushed to {server.endpoint}/tester/cpsl-ddp") == 1
+    assert server.unexpected == []
+    assert [repo["visibility"] for repo in server.created] == ["public"]
+    routes = [route for _, route in server.requests]
+    assert routes.count("/api/whoami-v2") == 1
+    assert routes.count("/api/repos/create") == 1
+    assert [commit["repo_id"] for commit in server.commits] == ["tester/cpsl-ddp"]
+    arrived = server.repo_dir("tester/cpsl-ddp")
+    assert _files(arrived) == MODEL_FILES | {"metrics.json", "README.md"}
+    assert (arrived / "model.safetensors").read_bytes() == (folder / "run" / "model.safetensors").read_bytes()
+    assert json.loads((arrived / "metrics.json").read_text())["training"]["num_processes"] == 2
+
+
+def test_offline_pseudo_labels_with_init_max_images_fail_before_training(tmp_path, synthetic_cache):
+    argv = tiny_argv(
+        tmp_path / "run", synthetic_cache, "--pseudo_labels", "offline", "--init_max_images", "2",
+        "--cpsl_steps", "3", "--save_predictions", "0",
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="--init_max_images"):
+        run(argv)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
