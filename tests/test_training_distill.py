@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from training_helpers import run
+from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
@@ -27,39 +29,14 @@ from cpsl_hf.training.trainer import (
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+def tiny_argv(output_dir, cache, *extra):
+    """The shared tiny run (2 warm-up + 2 CPSL steps) without prediction strips."""
+    return shared_tiny_argv(output_dir, cache, "--save_predictions", "0", *extra)
+
+
 @pytest.fixture(scope="module")
 def synthetic_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic_cache")
-
-
-def tiny_argv(output_dir, cache, *extra):
-    """2 warm-up + 2 CPSL steps on 32 x 64 synthetic images, 32 x 32 crops, batch 2 + 2 (as test_training_run)."""
-    return [
-        "--output_dir", str(output_dir),
-        "--synthetic_cache_dir", str(cache),
-        "--synthetic_train_images", "8",
-        "--synthetic_val_images", "4",
-        "--synthetic_image_size", "32", "64",
-        "--crop_size", "32", "32",
-        "--source_batch_size", "2",
-        "--target_batch_size", "2",
-        "--eval_batch_size", "4",
-        "--samples_per_image", "16",
-        "--bank_size", "48",
-        "--warmup_steps", "2",
-        "--cpsl_steps", "2",
-        "--lr_warmup_steps", "0",
-        "--logging_steps", "1",
-        "--save_predictions", "0",
-        "--no_progress_bar",
-        *extra,
-    ]  # fmt: skip
-
-
-def run(argv, trainer_class=UDATrainer) -> UDATrainer:
-    trainer = trainer_class(parse_args(argv))
-    trainer.train()
-    return trainer
 
 
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

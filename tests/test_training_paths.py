@@ -15,6 +15,8 @@ import pytest
 import torch
 from hub_server import LocalHub
 from huggingface_hub import ModelCard
+from training_helpers import run
+from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.data.synthetic import load_synthetic
 from cpsl_hf.data.transforms import normalize, to_float
@@ -52,33 +54,18 @@ def synthetic_cache(tmp_path_factory):
 
 
 def tiny_argv(output_dir, cache, *extra):
-    """1 warm-up + 1 CPSL step on 32 x 64 synthetic images (32 x 32 crops), 2 validation strips."""
-    return [
-        "--output_dir", str(output_dir),
-        "--synthetic_cache_dir", str(cache),
+    """The shared tiny run cut to 1 warm-up + 1 CPSL step on this file's image counts, 2 validation strips."""
+    return shared_tiny_argv(
+        output_dir, cache,
         "--synthetic_train_images", str(TRAIN_IMAGES),
         "--synthetic_val_images", str(VAL_IMAGES),
         "--synthetic_image_size", *map(str, IMAGE_SIZE),
-        "--crop_size", "32", "32",
-        "--source_batch_size", "2",
-        "--target_batch_size", "2",
         "--eval_batch_size", "1",
-        "--samples_per_image", "16",
-        "--bank_size", "48",
         "--warmup_steps", "1",
         "--cpsl_steps", "1",
-        "--lr_warmup_steps", "0",
-        "--logging_steps", "1",
         "--save_predictions", "2",
-        "--no_progress_bar",
         *extra,
-    ]  # fmt: skip
-
-
-def run(argv) -> UDATrainer:
-    trainer = UDATrainer(parse_args(argv))
-    trainer.train()
-    return trainer
+    )  # fmt: skip
 
 
 def _online(monkeypatch, tmp_path, endpoint: str, token: str = TOKEN) -> None:

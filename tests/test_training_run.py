@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import run, tiny_argv
 
-from cpsl_hf.training.arguments import parse_args
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
 from cpsl_hf.training.trainer import UDATrainer
 
@@ -20,35 +20,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def synthetic_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic_cache")
-
-
-def tiny_argv(output_dir, cache, *extra):
-    """A run of a few steps: 32 x 64 synthetic images, 32 x 32 crops, batch 2 + 2, a small bank."""
-    return [
-        "--output_dir", str(output_dir),
-        "--synthetic_cache_dir", str(cache),
-        "--synthetic_train_images", "8",
-        "--synthetic_val_images", "4",
-        "--synthetic_image_size", "32", "64",
-        "--crop_size", "32", "32",
-        "--source_batch_size", "2",
-        "--target_batch_size", "2",
-        "--eval_batch_size", "4",
-        "--samples_per_image", "16",
-        "--bank_size", "48",
-        "--warmup_steps", "2",
-        "--cpsl_steps", "2",
-        "--lr_warmup_steps", "0",
-        "--logging_steps", "1",
-        "--no_progress_bar",
-        *extra,
-    ]  # fmt: skip
-
-
-def run(argv) -> UDATrainer:
-    trainer = UDATrainer(parse_args(argv))
-    trainer.train()
-    return trainer
 
 
 def test_every_stage_runs_and_exports_a_loadable_model(tmp_path, synthetic_cache, capsys):
