@@ -51,6 +51,8 @@ SYNTHIA_ID_TO_NAME: dict[int, str] = {
     20: "train",
     21: "wall",
 }
+#: SYNTHIA-RAND-CITYSCAPES ids that exist but no protocol evaluates (their pixels become 255).
+SYNTHIA_UNEVALUATED_IDS: dict[int, str] = {0: "void", 13: "parking-slot", 14: "road-work", 22: "lanemarking"}
 
 
 def _check_num_classes(num_classes: int) -> None:

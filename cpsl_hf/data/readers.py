@@ -67,10 +67,9 @@ LAYOUTS: dict[str, str] = {
 
 #: Every id of the Cityscapes label table (GTA5 uses the same ids); other ids are "outside the table".
 CITYSCAPES_TABLE_IDS: frozenset[int] = frozenset(label.id for label in _CITYSCAPES_LABELS if label.id >= 0)
-#: SYNTHIA-RAND-CITYSCAPES ids that exist but no protocol evaluates (void, parking-slot, road-work, lanemarking).
-SYNTHIA_UNEVALUATED_IDS: dict[int, str] = {0: "void", 13: "parking-slot", 14: "road-work", 22: "lanemarking"}
+#: Every id of the SYNTHIA-RAND-CITYSCAPES table, evaluated or not; other ids are "outside the table".
 SYNTHIA_TABLE_IDS: frozenset[int] = frozenset(protocols.SYNTHIA_ID_TO_NAME) | frozenset(
-    SYNTHIA_UNEVALUATED_IDS
+    protocols.SYNTHIA_UNEVALUATED_IDS
 )
 
 _SYNTHIA_LABEL_MODES = ("RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "L", "P")

@@ -154,7 +154,9 @@ def write_cityscapes(root, label_maps: dict[str, np.ndarray], split="train", see
 def random_label_ids(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Random raw ids of the dataset's table (every class, and unevaluated ids such as 0)."""
     if kind == "synthia":
-        ids = np.array(sorted(protocols.SYNTHIA_ID_TO_NAME) + [0, 13, 14, 22], dtype=np.uint16)
+        ids = np.array(
+            sorted(protocols.SYNTHIA_ID_TO_NAME) + sorted(protocols.SYNTHIA_UNEVALUATED_IDS), dtype=np.uint16
+        )
     else:
         ids = np.arange(0, 34, dtype=np.uint8)
     return rng.choice(ids, size=(height, width))
