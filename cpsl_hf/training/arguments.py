@@ -120,7 +120,7 @@ class DataArguments:
         default_factory=lambda: [0.5, 1.5], metadata={"nargs": 2, "help": "Random rescale range."}
     )
     source_augment: Literal["weak", "photometric"] = field(
-        default="photometric",
+        default="weak",
         metadata={
             "help": "Source crops: weak (rescale, crop, flip; the reference) or photometric (also the colour "
             "ops of the strong view: jitter, blur, photometric RandAugment; no geometry, no cutout)."
@@ -227,7 +227,7 @@ class UDATrainingArguments:
         default=None,
         metadata={"help": "Where everything is written; default outputs/<source>_to_<target>_<backbone>."},
     )
-    warmup_steps: int = field(default=400, metadata={"help": "Source-only warm-up iterations."})
+    warmup_steps: int = field(default=1000, metadata={"help": "Source-only warm-up iterations."})
     cpsl_steps: int = field(default=300, metadata={"help": "CPSL self-training iterations."})
     distill_rounds: int = field(
         default=0,
