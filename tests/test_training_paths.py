@@ -173,7 +173,9 @@ def test_push_to_hub_needs_a_namespaced_repo_before_training(tmp_path, synthetic
 
 
 @pytest.mark.parametrize("failure", ["rejected token", "closed port"])
-def test_failed_push_ends_the_run_after_the_local_export(tmp_path, monkeypatch, synthetic_cache, failure):
+def test_failed_push_ends_the_run_after_the_local_export(
+    tmp_path, monkeypatch, synthetic_cache, failure, capsys
+):
     output = tmp_path / "run"
     argv = tiny_argv(
         output, synthetic_cache, "--cpsl_steps", "0", "--push_to_hub", "--hub_model_id", "tester/cpsl-fail"
@@ -189,10 +191,17 @@ def test_failed_push_ends_the_run_after_the_local_export(tmp_path, monkeypatch, 
             _online(monkeypatch, tmp_path, closed)
             expected = f"cannot reach the Hugging Face Hub at {closed}"
         trainer = UDATrainer(parse_args(argv))
-        with pytest.raises(HubError, match=expected):
+        with pytest.raises(HubError, match=expected) as raised:
             trainer.train()
     assert trainer.step == 1
     _assert_local_export_complete(trainer, output)
+    # The error says where the complete run is and how to push it later; the table and paths were printed.
+    message = str(raised.value)
+    assert str(output.resolve()) in message
+    assert f"scripts/push_to_hub.py --checkpoint {output} --repo_id tester/cpsl-fail" in message
+    printed = capsys.readouterr().out
+    assert "| **mIoU** |" in printed and f"Metrics: {(output / 'metrics.json').resolve()}" in printed
+    assert "Pushed to" not in printed
     assert server.created == [] and server.commits == []
     assert server.requests == ([("GET", "/api/whoami-v2")] if failure == "rejected token" else [])
 

@@ -1051,8 +1051,10 @@ class UDATrainer:
                 )
             accelerator.end_training()
             return self.history
-        self.export()
-        accelerator.end_training()
+        try:
+            self.export()
+        finally:  # trackers are closed even when the push fails
+            accelerator.end_training()
         return self.history
 
     def _log(
@@ -1100,13 +1102,9 @@ class UDATrainer:
             if self.args.training.save_predictions > 0:  # before the card, which links them
                 self._save_predictions(network, model_dir / "predictions")
             card_path = self._write_card(exported, training_info)
-        if training.push_to_hub and accelerator.is_main_process:
-            from cpsl_hf.hub import push_checkpoint
-
-            url = push_checkpoint(model_dir, training.hub_model_id, private=training.hub_private)
-            print(f"Pushed to {url}")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            # Everything local is written and reported before the push, so a failed push loses nothing.
             print(self.summary_table())
             print(f"\nModel ({final_stage} {exported_who}): {model_dir.resolve()}")
             print(f"Metrics: {metrics_path.resolve()}")
@@ -1115,6 +1113,17 @@ class UDATrainer:
             if training.checkpointing_steps:
                 print(f"Checkpoints: {(self.output_dir / 'checkpoints').resolve()}")
             print(f"Total time: {time.time() - self.started:.0f} s")
+        if training.push_to_hub and accelerator.is_main_process:
+            from cpsl_hf.hub import HubError, push_checkpoint
+
+            try:
+                url = push_checkpoint(model_dir, training.hub_model_id, private=training.hub_private)
+            except HubError as error:
+                raise HubError(
+                    f"{error}\nThe run itself is complete and saved in {model_dir.resolve()}; push it later with "
+                    f"`python scripts/push_to_hub.py --checkpoint {model_dir} --repo_id {training.hub_model_id}`"
+                ) from error
+            print(f"Pushed to {url}")
 
     def exported_network_name(self) -> str:
         """``student`` or ``teacher``: the network :meth:`export` saves. After distillation rounds it is the last
