@@ -317,6 +317,15 @@ def check_hub_access(token: str | None = None, endpoint: str | None = None) -> s
     return token
 
 
+def hub_user(token: str | None = None, endpoint: str | None = None) -> str:
+    """The account name that ``token`` belongs to (after :func:`check_hub_access`), e.g. to turn a bare repo
+    ``NAME`` into the ``USER/NAME`` that ``create_repo`` will make."""
+    from huggingface_hub import HfApi
+
+    token = check_hub_access(token, endpoint)
+    return HfApi(endpoint=endpoint, token=token).whoami()["name"]
+
+
 def push_checkpoint(
     checkpoint_dir: str | os.PathLike,
     repo_id: str,
@@ -379,6 +388,8 @@ def publish_checkpoint(
     ``metrics_file`` defaults to ``checkpoint_dir/metrics.json`` (the output of ``scripts/evaluate.py
     --output``) and ``training_info_file`` to ``checkpoint_dir/training_info.json`` (optional). Without a metrics
     file an existing ``README.md`` is pushed as it is; with neither, it refuses (a checkpoint needs a card).
+    A bare ``NAME`` becomes ``USER/NAME`` (the token's account) before the card is written, since the card's
+    loading code names the repository.
     """
     folder = validate_checkpoint(checkpoint_dir)
     metrics_path = Path(metrics_file) if metrics_file is not None else folder / METRICS_FILENAME
@@ -391,7 +402,10 @@ def publish_checkpoint(
         raise FileNotFoundError(f"training info file {info_path} not found")
     if metrics_path.is_file():
         training_info = _read_json(info_path, "training info") if info_path.is_file() else {}
-        training_info.setdefault("repo_id", repo_id)
+        # The card's loading code names the repo: a bare NAME becomes the USER/NAME create_repo will make.
+        if "/" not in repo_id.strip("/"):
+            repo_id = f"{hub_user(token, endpoint)}/{repo_id.strip('/')}"
+        training_info["repo_id"] = repo_id  # the repo pushed to, whatever an older training_info.json says
         training_info.setdefault("model_name", repo_id.split("/")[-1])
         write_model_card(folder, _read_json(metrics_path, "metrics"), training_info, template_path)
     elif not (folder / "README.md").is_file():

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from cpsl_hf import hub
 from cpsl_hf.data.protocols import class_names
-from cpsl_hf.hub import HubError, push_checkpoint, render_model_card, write_model_card
+from cpsl_hf.hub import HubError, publish_checkpoint, push_checkpoint, render_model_card, write_model_card
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token"
@@ -216,6 +217,21 @@ def test_push_lfs_upload_path_and_existing_repo(tmp_path, monkeypatch, checkpoin
     assert len(server.created) == 1 and len(server.commits) == 2
     arrived = server.repo_dir("tester/cpsl-lfs")
     assert (arrived / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+
+
+def test_publish_with_a_bare_name_writes_the_created_repo_into_the_card(tmp_path, monkeypatch, checkpoint):
+    """``--repo_id NAME``: the repo is created as USER/NAME, and the card's loading code must name that, not
+    NAME and not the repo_id an older training_info.json recorded."""
+    _online(monkeypatch, tmp_path)
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, folder)
+    with LocalHub(tmp_path / "server") as server:
+        url = publish_checkpoint(folder, "cpsl-bare", token=TOKEN, endpoint=server.endpoint)
+    assert url == f"{server.endpoint}/tester/cpsl-bare"
+    assert [created["repo_id"] for created in server.created] == ["tester/cpsl-bare"]
+    card = (server.repo_dir("tester/cpsl-bare") / "README.md").read_text()
+    assert 'from_pretrained("tester/cpsl-bare"' in card
+    assert 'from_pretrained("cpsl-bare"' not in card and INFO["repo_id"] not in card
 
 
 def test_offline_mode_never_contacts_the_hub(tmp_path, checkpoint):
