@@ -19,7 +19,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="folder written by save_pretrained / the trainer")
-    parser.add_argument("--repo_id", required=True, help="USER/NAME, or NAME for the token's own account (the card then names USER/NAME)")
+    parser.add_argument(
+        "--repo_id",
+        required=True,
+        help="USER/NAME, or NAME for the token's own account (the card then names USER/NAME)",
+    )
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--metrics", default=None, help="metrics JSON (default: CHECKPOINT/metrics.json)")
     parser.add_argument(
