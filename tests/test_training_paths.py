@@ -370,3 +370,38 @@ def test_offline_pseudo_labels_with_init_max_images_fail_before_training(tmp_pat
     with pytest.raises(ConfigurationError, match="--init_max_images"):
         run(argv)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ trackers
+
+
+def test_tensorboard_tracker_records_losses_rates_and_evaluations(tmp_path, synthetic_cache):
+    """--report_to tensorboard: every logged loss and rate per --logging_steps, and each evaluation's mIoU, as
+    stored in metrics.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "run"
+    trainer = run(
+        tiny_argv(
+            output, synthetic_cache, "--warmup_steps", "2", "--cpsl_steps", "2", "--eval_steps", "2",
+            "--save_predictions", "0", "--report_to", "tensorboard",
+        )
+    )  # fmt: skip
+    event_files = list((output / "logs").rglob("events.out.tfevents.*"))
+    assert event_files, sorted(p.relative_to(output).as_posix() for p in output.rglob("*"))
+    scalars = {}
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    assert sorted(scalars["loss_source"]) == [1, 2, 3, 4]  # --logging_steps 1
+    assert sorted(scalars["loss_sl"]) == [3, 4] and sorted(scalars["changed_share"]) == [3, 4]
+    for name in ("lr_backbone", "lr_head", "lr_prototypes", "images_per_second", "prior_entropy"):
+        assert name in scalars, name
+    assert scalars["lr_backbone"][4] == 0.0  # the poly schedule ends at 0
+    history = json.loads((output / "metrics.json").read_text())["history"]
+    assert scalars["eval/student_miou"][2] == pytest.approx(history["warmup"]["2"]["student"]["mean_iou"])
+    assert scalars["eval/student_miou"][4] == pytest.approx(history["cpsl"]["4"]["student"]["mean_iou"])
+    assert scalars["eval/teacher_miou"][4] == pytest.approx(history["cpsl"]["4"]["teacher"]["mean_iou"])
+    assert trainer.step == 4
