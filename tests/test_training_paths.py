@@ -21,8 +21,9 @@ from training_helpers import tiny_argv as shared_tiny_argv
 from cpsl_hf.data.synthetic import load_synthetic
 from cpsl_hf.data.transforms import normalize, to_float
 from cpsl_hf.hub import HubError
+from cpsl_hf.selflabel import SelfLabeling
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
-from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer, build_model
+from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer, _cross_entropy_at, build_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token"
@@ -405,3 +406,40 @@ def test_tensorboard_tracker_records_losses_rates_and_evaluations(tmp_path, synt
     assert scalars["eval/student_miou"][4] == pytest.approx(history["cpsl"]["4"]["student"]["mean_iou"])
     assert scalars["eval/teacher_miou"][4] == pytest.approx(history["cpsl"]["4"]["teacher"]["mean_iou"])
     assert trainer.step == 4
+
+
+class _NothingLabelled(SelfLabeling):
+    """The self-labeling step with every rectified label ignored (as a high --rectify_threshold can do)."""
+
+    def forward(self, *args, **kwargs):
+        result = super().forward(*args, **kwargs)
+        result.labels = torch.full_like(result.labels, 255)
+        return result
+
+
+class _NothingLabelledTrainer(UDATrainer):
+    def build_self_labeling(self):
+        built = super().build_self_labeling()
+        built.__class__ = _NothingLabelled
+        return built
+
+
+def test_a_batch_without_any_labelled_target_pixel_trains_on_the_rest(tmp_path, synthetic_cache):
+    """No labelled target pixel in a batch (a high --rectify_threshold, a crop of ignored source pixels): the
+    cross-entropy term is 0, not NaN, so the step still trains on everything else and no parameter is NaN."""
+    trainer = run(
+        tiny_argv(tmp_path / "run", synthetic_cache, "--save_predictions", "0"), _NothingLabelledTrainer
+    )
+    assert isinstance(trainer.self_labeling, _NothingLabelled)
+    for network in (trainer.unwrapped, trainer.teacher.module):
+        for name, parameter in network.named_parameters():
+            assert torch.isfinite(parameter).all(), name
+    # Same for the source term: a crop whose labels are all ignored.
+    logits = torch.randn(2, 19, 4, 4, requires_grad=True)
+    loss = _cross_entropy_at(logits, torch.full((2, 8, 8), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    labels = torch.randint(0, 19, (2, 4, 4))
+    labels[0] = 255
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)
+    torch.testing.assert_close(_cross_entropy_at(logits, labels), expected)

@@ -620,7 +620,7 @@ class UDATrainer:
 
         loss_source = _cross_entropy_at(source_logits, source.labels)
         if cpsl.target_loss == "ce":
-            loss_target = F.cross_entropy(target_logits.float(), labels_strong, ignore_index=IGNORE_INDEX)
+            loss_target = _masked_cross_entropy(target_logits, labels_strong)
         else:
             loss_target = symmetric_ce_loss(target_logits.float(), labels_strong, ignore_index=IGNORE_INDEX)
         if cpsl.consistency == "symmetric":
@@ -1251,10 +1251,11 @@ def train(args: RunArguments) -> dict[str, Any]:
 # helpers
 # ----------------------------------------------------------------------------------------------------------
 def _cross_entropy_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE of N x C x h x w logits upsampled (bilinear) to the N x H x W labels; ignore 255; float32."""
+    """CE of N x C x h x w logits upsampled (bilinear) to the N x H x W labels; ignore 255; float32; 0 when no
+    pixel is labelled (see :func:`_masked_cross_entropy`)."""
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    return _masked_cross_entropy(logits, labels)
 
 
 def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
