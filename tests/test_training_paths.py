@@ -443,3 +443,23 @@ def test_a_batch_without_any_labelled_target_pixel_trains_on_the_rest(tmp_path, 
     labels[0] = 255
     expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)
     torch.testing.assert_close(_cross_entropy_at(logits, labels), expected)
+
+
+@pytest.mark.parametrize("consistency", ["symmetric", "reference"])
+def test_bf16_autocast_run_keeps_float32_weights_and_finite_losses(tmp_path, synthetic_cache, consistency):
+    """--mixed_precision bf16 (autocast on this CPU): every stage runs, the weights stay float32 and finite and
+    the self-labeling state (bank, prior) stays float32, as on a GPU."""
+    trainer = run(
+        tiny_argv(
+            tmp_path / "run", synthetic_cache, "--mixed_precision", "bf16", "--consistency", consistency,
+            "--save_predictions", "0", "--distill_rounds", "1", "--distill_steps", "1", "--distill_threshold", "0",
+        )
+    )  # fmt: skip
+    assert trainer.accelerator.mixed_precision == "bf16"
+    for network in (trainer.unwrapped, trainer.teacher.module):
+        for name, parameter in network.named_parameters():
+            assert parameter.dtype == torch.float32 and torch.isfinite(parameter).all(), name
+    for name, state in trainer.self_labeling.state_dict().items():
+        if state.is_floating_point():
+            assert state.dtype == torch.float32 and torch.isfinite(state).all(), name
+    assert set(trainer.history) == {"warmup", "cpsl", "distill1"}
