@@ -228,6 +228,34 @@ class UDATrainingArguments:
         metadata={"help": "Where everything is written; default outputs/<source>_to_<target>_<backbone>."},
     )
     warmup_steps: int = field(default=1000, metadata={"help": "Source-only warm-up iterations."})
+    warmup_adversarial: bool = field(
+        default=False,
+        metadata={
+            "help": "Output-space adversarial warm-up (AdaptSegNet, the reference's warm_up stage): a "
+            "fully-convolutional discriminator on the softmax tells source from target crops; the student "
+            "also learns to fool it on a target batch (weight --lambda_adv). Default: source-only warm-up."
+        },
+    )
+    lambda_adv: float = field(
+        default=0.01,
+        metadata={
+            "help": "Weight of the generator's adversarial loss in the warm-up (reference --adv 0.01)."
+        },
+    )
+    adversarial_loss: Literal["ls", "vanilla"] = field(
+        default="ls",
+        metadata={
+            "help": "GAN loss of --warmup_adversarial: ls (least squares, MSE; reference --gan LS) or "
+            "vanilla (binary cross-entropy with logits)."
+        },
+    )
+    discriminator_lr: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Adam learning rate of the discriminator (betas 0.9, 0.99; the warm-up's schedule; "
+            "reference)."
+        },
+    )
     cpsl_steps: int = field(default=300, metadata={"help": "CPSL self-training iterations."})
     distill_rounds: int = field(
         default=0,
@@ -467,6 +495,28 @@ def _check_choices(args: RunArguments) -> None:
                 raise ConfigurationError(f"--{name} {getattr(group, name)!r}: expected one of {choices}")
 
 
+def _check_adversarial(args: RunArguments) -> None:
+    """``--warmup_adversarial`` and its knobs (the discriminator needs crops of at least 32 x 32)."""
+    training = args.training
+    if training.lambda_adv < 0:
+        raise ConfigurationError(f"--lambda_adv {training.lambda_adv} must be >= 0")
+    if training.discriminator_lr <= 0:
+        raise ConfigurationError(f"--discriminator_lr {training.discriminator_lr} must be positive")
+    if not training.warmup_adversarial:
+        return
+    if training.warmup_steps < 1:
+        raise ConfigurationError(
+            "--warmup_adversarial needs --warmup_steps >= 1 (the discriminator only trains in the warm-up); "
+            "pass --warmup_adversarial false to skip it"
+        )
+    crop_h, crop_w = args.data.crop_size
+    if crop_h < 32 or crop_w < 32:
+        raise ConfigurationError(
+            f"--crop_size {crop_h} {crop_w} is too small for --warmup_adversarial: the discriminator's five "
+            "stride-2 layers need crops of at least 32 x 32"
+        )
+
+
 def validate_arguments(args: RunArguments) -> None:
     """Reject configurations that cannot work, before anything is built. Fills ``output_dir`` if unset.
 
@@ -502,6 +552,7 @@ def validate_arguments(args: RunArguments) -> None:
             raise ConfigurationError(f"--{name} must be >= 0")
     if training.distill_rounds < 0:
         raise ConfigurationError(f"--distill_rounds {training.distill_rounds} must be >= 0")
+    _check_adversarial(args)
     if training.distill_rounds > 0 and training.distill_steps < 1:
         raise ConfigurationError(
             f"--distill_steps {training.distill_steps}: --distill_rounds {training.distill_rounds} needs "

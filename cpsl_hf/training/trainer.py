@@ -7,7 +7,9 @@ datasets, the model and the optimizer, ``prepare`` them, loop over steps under `
 
 Stages, counted in global optimisation steps over endless source and target streams:
 
-1. ``warmup`` (steps ``[0, warmup_steps)``): the student learns from the source only (cross-entropy).
+1. ``warmup`` (steps ``[0, warmup_steps)``): the student learns from the source only (cross-entropy); with
+   ``--warmup_adversarial`` also to fool an output-space discriminator on target crops (AdaptSegNet), which
+   trains beside it (:meth:`UDATrainer.adversarial_warmup_losses`).
 2. ``init`` (once, when the CPSL stage starts): the EMA teacher becomes a copy of the warm-up model; one
    pass of the teacher over the target training set gives the prototypes ``W`` = ``W'`` (class means of the
    embeddings under argmax ``P_ST``, accumulated as sums and counts, all-reduced), the class prior (histogram
@@ -59,6 +61,7 @@ from cpsl_hf.data.transforms import (
 from cpsl_hf.selflabel import PrototypeAccumulator, SelfLabeling, class_histogram, one_way_kl, symmetric_kl
 from cpsl_hf.selflabel.losses import symmetric_ce_loss
 
+from .adversarial import OutputDiscriminator, discriminator_loss, generator_loss
 from .arguments import RunArguments, UDATrainingArguments, dataset_kind, validate_against_datasets
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .ema import EMATeacher
@@ -315,6 +318,7 @@ class UDATrainer:
         self.distill_round = 0  # the distillation round whose student is being trained (0: none yet)
         self.previous_model: nn.Module | None = None  # frozen network that labels the current round's targets
         self.initial_weights: dict[str, torch.Tensor] | None = None  # --distill_init pretrained
+        self.discriminator: nn.Module | None = None  # --warmup_adversarial (prepared: DDP-wrapped if several)
         self.output_dir = Path(args.training.output_dir)
         self.started = time.time()
 
@@ -399,6 +403,19 @@ class UDATrainer:
 
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, prototype_names)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if training.warmup_adversarial:
+            # Built after the student, so the student's initial weights do not depend on the option. Prepared:
+            # DDP all-reduces its gradients, and save_state/load_state carry its weights, Adam and schedule.
+            discriminator = OutputDiscriminator(self.num_classes)
+            discriminator_optimizer = torch.optim.Adam(
+                discriminator.parameters(), lr=training.discriminator_lr, betas=(0.9, 0.99)
+            )
+            discriminator_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                discriminator_optimizer, lambda step: stage_lr_factor(step, **schedule)
+            )
+            self.discriminator, self.discriminator_optimizer, self.discriminator_scheduler = (
+                accelerator.prepare(discriminator, discriminator_optimizer, discriminator_scheduler)
+            )
         self.teacher = EMATeacher(self.unwrapped, momentum=args.cpsl.ema_momentum, ramp=args.cpsl.ema_ramp)
         self.teacher.to(self.device)
 
@@ -515,6 +532,59 @@ class UDATrainer:
             logits = self.model(normalize(view.images)).logits
         loss = _cross_entropy_at(logits, view.labels)
         return {"loss": loss, "loss_source": loss.detach()}
+
+    def adversarial_warmup_losses(self, source_batch, target_batch) -> dict[str, torch.Tensor]:
+        """Warm-up step with ``--warmup_adversarial`` (AdaptSegNet; the reference's ``step_adv``).
+
+        One student forward on the source crop and the target weak view (no labels); logits upsampled
+        (bilinear) to the crop size, as the reference does, then softmax ``P`` (N x C x h x w, float32).
+
+        Returns:
+            ``loss`` = ``L_src + lambda_adv L_adv`` (the student's; ``D``'s parameters frozen in ``L_adv``),
+            ``loss_discriminator`` = ``L_D`` on the detached ``P`` (with its graph to ``D`` only: the loop
+            back-propagates it after the student's step), and detached ``loss_source`` and ``loss_adv``.
+        """
+        training = self.args.training
+        source = self._source_view(source_batch)
+        data = self.args.data
+        target = weak_augment(
+            to_float(target_batch["pixel_values"]),
+            None,
+            crop_size=tuple(data.crop_size),
+            scale_range=tuple(data.scale_range),
+            generator=self.generator,
+        )
+        num_source = source.images.shape[0]
+        with self.accelerator.autocast():
+            logits = self.model(normalize(torch.cat([source.images, target.images]))).logits
+        logits = F.interpolate(
+            logits.float(), size=tuple(data.crop_size), mode="bilinear", align_corners=False
+        )
+        probabilities = logits.softmax(dim=1)
+        loss_source = _masked_cross_entropy(logits[:num_source], source.labels)
+        plain_discriminator = self.accelerator.unwrap_model(self.discriminator)
+        with self.accelerator.autocast():
+            loss_adv = generator_loss(
+                plain_discriminator, probabilities[num_source:], training.adversarial_loss
+            )
+            loss_d = discriminator_loss(
+                self.discriminator,
+                probabilities[:num_source],
+                probabilities[num_source:],
+                training.adversarial_loss,
+            )
+        return {
+            "loss": loss_source + training.lambda_adv * loss_adv,
+            "loss_discriminator": loss_d,
+            "loss_source": loss_source.detach(),
+            "loss_adv": loss_adv.detach(),
+        }
+
+    def discriminator_step(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``L_D`` (reaches ``D`` only) and step ``D``'s Adam (skipped while accumulating)."""
+        self.accelerator.backward(loss)
+        self.discriminator_optimizer.step()
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
 
     def cpsl_losses(self, source_batch, target_batch) -> dict[str, torch.Tensor]:
         """One CPSL step (SPEC.md): every loss of ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``.
@@ -977,7 +1047,8 @@ class UDATrainer:
                 self.model.train()
             if progress is not None:
                 progress.set_description(stage)
-            with accelerator.accumulate(self.model):
+            adversarial = stage == "warmup" and self.discriminator is not None
+            with accelerator.accumulate(self.model, *([self.discriminator] if adversarial else [])):
                 if round_index:
                     source_batch = (
                         self._next_batch(self.source_loader) if training.distill_source_loss else None
@@ -986,6 +1057,13 @@ class UDATrainer:
                     losses = self.distill_losses(source_batch, target_batch)
                     batch_images = target_batch["pixel_values"].shape[0] + (
                         0 if source_batch is None else source_batch["pixel_values"].shape[0]
+                    )
+                elif adversarial:
+                    source_batch = self._next_batch(self.source_loader)
+                    target_batch = self._next_batch(self.target_loader)
+                    losses = self.adversarial_warmup_losses(source_batch, target_batch)
+                    batch_images = (
+                        source_batch["pixel_values"].shape[0] + target_batch["pixel_values"].shape[0]
                     )
                 elif stage == "warmup":
                     source_batch = self._next_batch(self.source_loader)
@@ -1005,6 +1083,8 @@ class UDATrainer:
                         accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if adversarial:  # after the student's step, as the reference (D sees detached outputs)
+                    self.discriminator_step(losses["loss_discriminator"])
             for name, value in losses.items():
                 value = value.detach()
                 running[name] = running[name] + value if name in running else value
@@ -1012,6 +1092,8 @@ class UDATrainer:
             if not accelerator.sync_gradients:
                 continue
             self.scheduler.step()
+            if adversarial:
+                self.discriminator_scheduler.step()
             self._sync_buffers()
             if stage == "cpsl":
                 self.teacher.update(self.unwrapped)
