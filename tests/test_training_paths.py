@@ -445,8 +445,21 @@ def test_a_batch_without_any_labelled_target_pixel_trains_on_the_rest(tmp_path, 
     torch.testing.assert_close(_cross_entropy_at(logits, labels), expected)
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state whose mixed precision cannot change once set: start and leave
+    the test without one, so an earlier fp32 run does not block a bf16 run (and the bf16 state does not leak)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 @pytest.mark.parametrize("consistency", ["symmetric", "reference"])
-def test_bf16_autocast_run_keeps_float32_weights_and_finite_losses(tmp_path, synthetic_cache, consistency):
+def test_bf16_autocast_run_keeps_float32_weights_and_finite_losses(
+    tmp_path, synthetic_cache, consistency, fresh_accelerator_state
+):
     """--mixed_precision bf16 (autocast on this CPU): every stage runs, the weights stay float32 and finite and
     the self-labeling state (bank, prior) stays float32, as on a GPU."""
     trainer = run(
