@@ -4,16 +4,12 @@ configuration."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from training_helpers import run
+from training_helpers import run, run_two_processes
 from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.training.adversarial import (
@@ -25,8 +21,6 @@ from cpsl_hf.training.adversarial import (
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
 from cpsl_hf.training.trainer import UDATrainer
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def tiny_argv(output_dir, cache, *extra):
@@ -83,6 +77,8 @@ def test_adversarial_warmup_then_cpsl_exports_a_loadable_model(tmp_path, synthet
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["history"]) == ["warmup", "cpsl"]
     assert metrics["training"]["arguments"]["training"]["warmup_adversarial"] is True
+    assert metrics["training"]["warmup_adversarial"] is True
+    assert "2 warm-up (output-space adversarial, weight 0.5) + 2 CPSL" in (out / "README.md").read_text()
     model = AutoModel.from_pretrained(out)
     exported = trainer.unwrapped.state_dict()
     assert model.state_dict().keys() == exported.keys()  # the export is the student alone, no D
@@ -221,19 +217,11 @@ def test_two_processes_train_the_discriminator_identically(tmp_path, synthetic_c
     run(
         shared_tiny_argv(tmp_path / "warm", synthetic_cache, "--warmup_steps", "1", "--cpsl_steps", "0")
     )  # data cache
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
     argv = tiny_argv(
         tmp_path / "ddp", synthetic_cache, "--source_batch_size", "1", "--target_batch_size", "1",
         "--gradient_accumulation_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "4",
     )  # fmt: skip
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(driver), str(tmp_path), *argv,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes(DRIVER, tmp_path, argv)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert rank0["world"] == rank1["world"] == 2

@@ -2,17 +2,13 @@
 student of each round, resume inside and across rounds, the schedule, bad configuration."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
-from training_helpers import run
+from training_helpers import run, run_two_processes
 from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
@@ -25,8 +21,6 @@ from cpsl_hf.training.trainer import (
     stage_lr_factor,
     training_stages,
 )
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def tiny_argv(output_dir, cache, *extra):
@@ -269,19 +263,11 @@ def test_two_processes_distill_identically(tmp_path, synthetic_cache):
     run(
         tiny_argv(tmp_path / "warm", synthetic_cache, "--warmup_steps", "1", "--cpsl_steps", "0")
     )  # data cache
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
     argv = tiny_argv(
         tmp_path / "ddp", synthetic_cache, "--source_batch_size", "1", "--target_batch_size", "1",
         "--distill_rounds", "2", "--distill_steps", "2", "--distill_threshold", "0.0", "--checkpointing_steps", "5",
     )  # fmt: skip
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(driver), str(tmp_path), *argv,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes(DRIVER, tmp_path, argv)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert rank0["world"] == rank1["world"] == 2

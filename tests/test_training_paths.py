@@ -2,10 +2,7 @@
 initialised by two processes (torchrun, gloo on CPU) against a single-process initialisation."""
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 import torch
 from hub_server import LocalHub
 from huggingface_hub import ModelCard
-from training_helpers import run
+from training_helpers import run, run_two_processes
 from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.data.synthetic import load_synthetic
@@ -25,7 +22,6 @@ from cpsl_hf.selflabel import SelfLabeling
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer, _cross_entropy_at, build_model
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token"
 IMAGE_SIZE = (32, 64)
 #: Odd, so that two processes get unequal shards (5 + 4) of the target training set.
@@ -254,28 +250,19 @@ def two_process_offline_run(tmp_path_factory, synthetic_cache):
     """One torchrun of 2 gloo processes with --pseudo_labels offline on 9 target images, pushing to a loopback
     Hub at the end; returns (folder with the ranks' records, argv, the server, the ranks' stdout)."""
     folder = tmp_path_factory.mktemp("ddp")
-    driver = folder / "driver.py"
-    driver.write_text(DRIVER)
     argv = tiny_argv(
         folder / "run", synthetic_cache, "--pseudo_labels", "offline", "--cpsl_steps", "2",
         "--source_batch_size", "1", "--target_batch_size", "1", "--save_predictions", "0",
     )  # fmt: skip
     with LocalHub(folder / "server") as server:
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPOSITORY),
+        hub_env = {
             "HF_HUB_OFFLINE": "0",
             "HF_ENDPOINT": server.endpoint,
             "HF_TOKEN": TOKEN,
             "HF_HOME": str(folder / "hf_home"),
         }
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(driver), str(folder), *argv, "--push_to_hub", "--hub_model_id", "tester/cpsl-ddp",
-        ]  # fmt: skip
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
-    assert result.returncode == 0, result.stderr[-4000:]
+        push = ["--push_to_hub", "--hub_model_id", "tester/cpsl-ddp"]
+        result = run_two_processes(DRIVER, folder, [*argv, *push], hub_env)
     return folder, argv, server, result.stdout
 
 

@@ -1,7 +1,6 @@
 """End-to-end runs of the UDA trainer on tiny synthetic data: every stage, resume, 2 processes, bad config."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import run, tiny_argv
+from training_helpers import run, run_two_processes, tiny_argv
 
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
 from cpsl_hf.training.trainer import UDATrainer
@@ -133,16 +132,11 @@ DRIVER = textwrap.dedent(
 def test_two_processes_on_cpu_stay_identical(tmp_path, synthetic_cache):
     # Generate the data once here so the two processes only read the cache.
     run(tiny_argv(tmp_path / "warm", synthetic_cache, "--warmup_steps", "1", "--cpsl_steps", "0"))
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(driver), str(tmp_path),
-        *tiny_argv(tmp_path / "ddp", synthetic_cache, "--source_batch_size", "1", "--target_batch_size", "1"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes(
+        DRIVER,
+        tmp_path,
+        tiny_argv(tmp_path / "ddp", synthetic_cache, "--source_batch_size", "1", "--target_batch_size", "1"),
+    )
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert rank0["world"] == rank1["world"] == 2  # real data parallelism, not two lone runs

@@ -5,8 +5,15 @@ Later flags win in ``HfArgumentParser``, so a test changes any default by passin
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from cpsl_hf.training.arguments import parse_args
 from cpsl_hf.training.trainer import UDATrainer
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def tiny_argv(output_dir, cache, *extra):
@@ -38,3 +45,18 @@ def run(argv, trainer_class=UDATrainer) -> UDATrainer:
     trainer = trainer_class(parse_args(argv))
     trainer.train()
     return trainer
+
+
+def run_two_processes(driver_source: str, folder, argv, extra_env=None) -> subprocess.CompletedProcess:
+    """Write ``driver_source`` to ``folder/driver.py`` and run it under ``torchrun`` as 2 gloo processes (one
+    thread each) with the arguments ``folder *argv``; asserts success and returns the finished process."""
+    driver = Path(folder) / "driver.py"
+    driver.write_text(driver_source)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY), **(extra_env or {})}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(driver), str(folder), *argv,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result

@@ -511,17 +511,22 @@ class UDATrainer:
             ).images
         return view
 
-    def target_views(self, batch):
-        """Target weak view (rescale, crop, flip; no labels) and the strong view of that weak crop, each with
-        its recorded geometry (``WeakView``, ``StrongView``; images N x 3 x h x w float in [0, 1])."""
+    def target_weak_view(self, batch):
+        """Target weak view (rescale, crop, flip; no labels) with its recorded geometry (``WeakView``; images
+        N x 3 x h x w float in [0, 1])."""
         data = self.args.data
-        weak = weak_augment(
+        return weak_augment(
             to_float(batch["pixel_values"]),
             None,
             crop_size=tuple(data.crop_size),
             scale_range=tuple(data.scale_range),
             generator=self.generator,
         )
+
+    def target_views(self, batch):
+        """Target weak view (:meth:`target_weak_view`) and the strong view of that weak crop, each with its
+        recorded geometry (``WeakView``, ``StrongView``; images N x 3 x h x w float in [0, 1])."""
+        weak = self.target_weak_view(batch)
         return weak, strong_augment(weak.images, generator=self.generator)
 
     # ------------------------------------------------------------------ losses
@@ -547,13 +552,7 @@ class UDATrainer:
         training = self.args.training
         source = self._source_view(source_batch)
         data = self.args.data
-        target = weak_augment(
-            to_float(target_batch["pixel_values"]),
-            None,
-            crop_size=tuple(data.crop_size),
-            scale_range=tuple(data.scale_range),
-            generator=self.generator,
-        )
+        target = self.target_weak_view(target_batch)
         num_source = source.images.shape[0]
         with self.accelerator.autocast():
             logits = self.model(normalize(torch.cat([source.images, target.images]))).logits
@@ -1222,6 +1221,7 @@ class UDATrainer:
             "backbone": args.model.model_name_or_path or args.model.backbone,
             "num_classes": args.data.num_classes,
             "warmup_steps": args.training.warmup_steps,
+            "warmup_adversarial": args.training.warmup_adversarial,
             "cpsl_steps": args.training.cpsl_steps,
             "distill_rounds": args.training.distill_rounds,
             "distill_steps": args.training.distill_steps if args.training.distill_rounds else 0,
@@ -1259,7 +1259,13 @@ class UDATrainer:
             "config": training.config or "defaults (configs/synthetic_demo.yaml)",
             "architecture": f"{backbone} ({self.unwrapped.config.decode_head} head, D={self.embedding_dim})",
             "stage": f"{training_info['final_stage']} ({self.exported_network_name()})",
-            "steps": f"{training.warmup_steps} warm-up + {training.cpsl_steps} CPSL"
+            "steps": f"{training.warmup_steps} warm-up"
+            + (
+                f" (output-space adversarial, weight {training.lambda_adv})"
+                if training.warmup_adversarial
+                else ""
+            )
+            + f" + {training.cpsl_steps} CPSL"
             + _distill_recipe(training),
             "batch_size": f"{training.source_batch_size} + {training.target_batch_size} per process "
             f"x {self.accelerator.num_processes} process(es)",
