@@ -9,6 +9,7 @@ from cpsl_hf.selflabel import (
     ClassPrior,
     PrototypeAccumulator,
     class_histogram,
+    masked_cross_entropy,
     one_way_kl,
     prototypes_from_features,
     rce_loss,
@@ -136,6 +137,18 @@ def test_kl_terms_match_direct_formulas():
     element_mask = mask[:, None].expand_as(elementwise).float()
     reference = (elementwise * element_mask).sum() / element_mask.sum()
     torch.testing.assert_close(one_way_kl(logits_w, logits_s, mask), reference)
+
+
+def test_masked_cross_entropy_is_the_mean_over_labelled_pixels_and_zero_without_any():
+    logits = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    labels = torch.randint(0, 5, (2, 3, 3), generator=torch.Generator().manual_seed(12))
+    labels[0, :2] = 255
+    torch.testing.assert_close(
+        masked_cross_entropy(logits, labels), F.cross_entropy(logits, labels, ignore_index=255)
+    )
+    nothing = masked_cross_entropy(logits, torch.full_like(labels, 255))
+    nothing.backward()
+    assert nothing.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_rce_and_symmetric_ce_match_reference_formula():

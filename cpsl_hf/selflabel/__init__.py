@@ -6,12 +6,19 @@
 - :class:`ClassPrior`, :func:`class_histogram`, :func:`rectify`: distribution alignment and pseudo-label rectification.
 - :func:`prototypes_from_features`, :class:`PrototypeAccumulator`: class-mean prototype initialisation.
 - losses: :func:`self_labeling_loss`, :func:`symmetric_kl`, :func:`one_way_kl`, :func:`rce_loss`,
-  :func:`symmetric_ce_loss`.
+  :func:`symmetric_ce_loss`, :func:`masked_cross_entropy`.
 - :class:`SelfLabeling`: the whole per-step algorithm, returning :class:`SelfLabelingOutput`.
 """
 
 from .distributed import all_gather_rows, all_reduce_sum
-from .losses import one_way_kl, rce_loss, self_labeling_loss, symmetric_ce_loss, symmetric_kl
+from .losses import (
+    masked_cross_entropy,
+    one_way_kl,
+    rce_loss,
+    self_labeling_loss,
+    symmetric_ce_loss,
+    symmetric_kl,
+)
 from .memory import MemoryBank
 from .module import SelfLabeling, SelfLabelingOutput
 from .prior import ClassPrior, class_histogram, rectify
@@ -29,6 +36,7 @@ __all__ = [
     "all_reduce_sum",
     "class_balanced_sample",
     "class_histogram",
+    "masked_cross_entropy",
     "one_way_kl",
     "prototypes_from_features",
     "rce_loss",

@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["one_way_kl", "rce_loss", "self_labeling_loss", "symmetric_ce_loss", "symmetric_kl"]
+__all__ = [
+    "masked_cross_entropy",
+    "one_way_kl",
+    "rce_loss",
+    "self_labeling_loss",
+    "symmetric_ce_loss",
+    "symmetric_kl",
+]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,12 +112,19 @@ def rce_loss(
         return _masked_mean(per_pixel, labelled)
 
 
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy of N x C x h x w ``logits`` to N x h x w ``labels``, mean over the labelled pixels, in float32;
+    0 (with a zero gradient) when no pixel is labelled, where ``F.cross_entropy``'s mean would be NaN."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        per_pixel = F.cross_entropy(
+            logits.float(), labels.long(), ignore_index=ignore_index, reduction="none"
+        )
+        return _masked_mean(per_pixel, labels != ignore_index)
+
+
 def symmetric_ce_loss(
     logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.1, beta: float = 1.0, ignore_index: int = 255
 ) -> torch.Tensor:
     """``alpha * CE + beta * RCE`` (the reference target loss, 0.1 CE + 1.0 RCE). Mean over labelled pixels."""
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        labelled = labels != ignore_index
-        ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
-        ce = _masked_mean(ce, labelled)
+    ce = masked_cross_entropy(logits, labels, ignore_index=ignore_index)
     return alpha * ce + beta * rce_loss(logits, labels, ignore_index=ignore_index)

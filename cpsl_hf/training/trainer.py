@@ -58,7 +58,14 @@ from cpsl_hf.data.transforms import (
     warp_to_view,
     weak_augment,
 )
-from cpsl_hf.selflabel import PrototypeAccumulator, SelfLabeling, class_histogram, one_way_kl, symmetric_kl
+from cpsl_hf.selflabel import (
+    PrototypeAccumulator,
+    SelfLabeling,
+    class_histogram,
+    masked_cross_entropy,
+    one_way_kl,
+    symmetric_kl,
+)
 from cpsl_hf.selflabel.losses import symmetric_ce_loss
 
 from .adversarial import OutputDiscriminator, discriminator_loss, generator_loss
@@ -560,7 +567,7 @@ class UDATrainer:
             logits.float(), size=tuple(data.crop_size), mode="bilinear", align_corners=False
         )
         probabilities = logits.softmax(dim=1)
-        loss_source = _masked_cross_entropy(logits[:num_source], source.labels)
+        loss_source = masked_cross_entropy(logits[:num_source], source.labels, IGNORE_INDEX)
         plain_discriminator = self.accelerator.unwrap_model(self.discriminator)
         with self.accelerator.autocast():
             loss_adv = generator_loss(
@@ -689,7 +696,7 @@ class UDATrainer:
 
         loss_source = _cross_entropy_at(source_logits, source.labels)
         if cpsl.target_loss == "ce":
-            loss_target = _masked_cross_entropy(target_logits, labels_strong)
+            loss_target = masked_cross_entropy(target_logits, labels_strong, IGNORE_INDEX)
         else:
             loss_target = symmetric_ce_loss(target_logits.float(), labels_strong, ignore_index=IGNORE_INDEX)
         if cpsl.consistency == "symmetric":
@@ -748,7 +755,7 @@ class UDATrainer:
         # log 0 finite).
         previous_log_probs = warped[:, :-1].clamp_min(torch.finfo(torch.float32).tiny).log()
 
-        loss_target = _masked_cross_entropy(target_logits, labels_strong)
+        loss_target = masked_cross_entropy(target_logits, labels_strong, IGNORE_INDEX)
         loss_kl = one_way_kl(previous_log_probs, target_logits, kl_valid)
         loss = loss_target + training.lambda_distill_kl * loss_kl
         losses = {"loss_target": loss_target.detach(), "loss_kl": loss_kl.detach()}
@@ -1340,18 +1347,10 @@ def train(args: RunArguments) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 def _cross_entropy_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE of N x C x h x w logits upsampled (bilinear) to the N x H x W labels; ignore 255; float32; 0 when no
-    pixel is labelled (see :func:`_masked_cross_entropy`)."""
+    pixel is labelled (see :func:`cpsl_hf.selflabel.masked_cross_entropy`)."""
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return _masked_cross_entropy(logits, labels)
-
-
-def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE of N x C x h x w logits to N x h x w labels, mean over the labelled pixels (0 when none is
-    labelled, where ``F.cross_entropy``'s mean would be NaN); float32."""
-    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    labelled = (labels != IGNORE_INDEX).float()
-    return per_pixel.sum() / labelled.sum().clamp_min(1.0)
+    return masked_cross_entropy(logits, labels, IGNORE_INDEX)
 
 
 def _frozen_copy(network: nn.Module) -> nn.Module:
