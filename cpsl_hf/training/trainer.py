@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -1019,7 +1020,7 @@ class UDATrainer:
         if checkpoint is not None:
             self.restore(checkpoint)
         stages = training_stages(training)
-        stage_ends = {sum(length for _, length in stages[: index + 1]) for index in range(len(stages))}
+        stage_ends = set(itertools.accumulate(length for _, length in stages))
         total = max(stage_ends)
         stop = total if training.stop_at_step is None else min(training.stop_at_step, total)
         progress = _progress_bar(total, self.step, accelerator.is_main_process and training.progress_bar)
@@ -1055,33 +1056,24 @@ class UDATrainer:
                 progress.set_description(stage)
             adversarial = stage == "warmup" and self.discriminator is not None
             with accelerator.accumulate(self.model, *([self.discriminator] if adversarial else [])):
+                # Source first, then target, whatever the stage (the streams' order is part of a resume).
+                needs_source = not round_index or training.distill_source_loss
+                needs_target = stage != "warmup" or adversarial
+                source_batch = self._next_batch(self.source_loader) if needs_source else None
+                target_batch = self._next_batch(self.target_loader) if needs_target else None
                 if round_index:
-                    source_batch = (
-                        self._next_batch(self.source_loader) if training.distill_source_loss else None
-                    )
-                    target_batch = self._next_batch(self.target_loader)
                     losses = self.distill_losses(source_batch, target_batch)
-                    batch_images = target_batch["pixel_values"].shape[0] + (
-                        0 if source_batch is None else source_batch["pixel_values"].shape[0]
-                    )
                 elif adversarial:
-                    source_batch = self._next_batch(self.source_loader)
-                    target_batch = self._next_batch(self.target_loader)
                     losses = self.adversarial_warmup_losses(source_batch, target_batch)
-                    batch_images = (
-                        source_batch["pixel_values"].shape[0] + target_batch["pixel_values"].shape[0]
-                    )
                 elif stage == "warmup":
-                    source_batch = self._next_batch(self.source_loader)
                     losses = self.source_losses(source_batch)
-                    batch_images = source_batch["pixel_values"].shape[0]
                 else:
-                    source_batch = self._next_batch(self.source_loader)
-                    target_batch = self._next_batch(self.target_loader)
                     losses = self.cpsl_losses(source_batch, target_batch)
-                    batch_images = (
-                        source_batch["pixel_values"].shape[0] + target_batch["pixel_values"].shape[0]
-                    )
+                batch_images = sum(
+                    batch["pixel_values"].shape[0]
+                    for batch in (source_batch, target_batch)
+                    if batch is not None
+                )
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients:
                     self._sync_prototype_gradient()
