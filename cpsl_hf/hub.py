@@ -269,13 +269,6 @@ def validate_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
     return folder
 
 
-def _offline_mode() -> bool:
-    from huggingface_hub import constants
-
-    from_environment = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return constants.is_offline_mode() or from_environment
-
-
 def check_hub_access(token: str | None = None, endpoint: str | None = None) -> str:
     """Fail fast unless a push can work: not offline, a token exists, the Hub answers and accepts it.
 
@@ -287,10 +280,23 @@ def check_hub_access(token: str | None = None, endpoint: str | None = None) -> s
     Raises:
         HubError: with a message that names the cause (offline mode, no token, unreachable, rejected token).
     """
+    return _whoami(token, endpoint)[0]
+
+
+def hub_user(token: str | None = None, endpoint: str | None = None) -> str:
+    """The account name that ``token`` belongs to (the same single request as :func:`check_hub_access`), e.g. to
+    turn a bare repo ``NAME`` into the ``USER/NAME`` that ``create_repo`` will make."""
+    return _whoami(token, endpoint)[1]["name"]
+
+
+def _whoami(token: str | None, endpoint: str | None) -> tuple[str, dict[str, Any]]:
+    """(token, the Hub's whoami answer) after the checks of :func:`check_hub_access`."""
     from huggingface_hub import constants, get_token
     from huggingface_hub.utils import build_hf_headers, get_session
 
-    if _offline_mode():
+    from cpsl_hf.data.readers import hub_offline
+
+    if hub_offline():
         raise HubError("HF_HUB_OFFLINE=1 is set: not pushing to the Hub (unset it to push)")
     token = token or get_token()
     if not token:
@@ -314,16 +320,7 @@ def check_hub_access(token: str | None = None, endpoint: str | None = None) -> s
         raise HubError(
             f"the Hub at {endpoint} answered {response.status_code} to {url}: {response.text[:200]}"
         )
-    return token
-
-
-def hub_user(token: str | None = None, endpoint: str | None = None) -> str:
-    """The account name that ``token`` belongs to (after :func:`check_hub_access`), e.g. to turn a bare repo
-    ``NAME`` into the ``USER/NAME`` that ``create_repo`` will make."""
-    from huggingface_hub import HfApi
-
-    token = check_hub_access(token, endpoint)
-    return HfApi(endpoint=endpoint, token=token).whoami()["name"]
+    return token, response.json()
 
 
 def push_checkpoint(

@@ -67,15 +67,13 @@ def load_model(
         )
     except (OSError, ValueError) as error:
         where = "local folder" if os.path.isdir(name) else "Hub repository id (no such local folder)"
-        offline = " HF_HUB_OFFLINE=1 is set, so the Hub is not contacted." if _hub_offline() else ""
+        from cpsl_hf.data.readers import hub_offline
+
+        offline = " HF_HUB_OFFLINE=1 is set, so the Hub is not contacted." if hub_offline() else ""
         raise OSError(f"cannot load model {name!r} as a {where}: {error}.{offline}") from error
     if device is not None:
         model = model.to(device)
     return model.eval()
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
 def parse_sliding_window(text: str | Sequence[int] | None) -> tuple[int, int, int, int] | None:
