@@ -5,7 +5,7 @@ Names are resolved lazily so that ``import cpsl_hf.data`` stays cheap (``dataset
 a reader is used).
 """
 
-import importlib
+from cpsl_hf._lazy import lazy_getattr
 
 _EXPORTS = {
     # label protocols
@@ -63,9 +63,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ Accelerate training loop (warm-up -> init -> CPSL -> evaluation -> export).
 Names are resolved lazily so that importing the package does not import ``accelerate``.
 """
 
-import importlib
+from cpsl_hf._lazy import lazy_getattr
 
 _EXPORTS = {
     "ConfigurationError": "arguments",
@@ -23,9 +23,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
