@@ -97,10 +97,67 @@ def test_step_matches_independent_computation():
         changed = (labelled & (labels != p_st.argmax(1))).sum() / labelled.sum()
         torch.testing.assert_close(out.diagnostics["changed_share"].double(), changed.double())
         torch.testing.assert_close(out.diagnostics["bank_fill"], torch.tensor(len(module.bank) / 12))
+        cosines = torch.einsum("ndhw,cd->nchw", zn, F.normalize(teacher_w.double(), dim=1))
+        ordered = cosines.sort(dim=1, descending=True).values
+        margin = (ordered[:, 0] - ordered[:, 1])[valid].mean()
+        torch.testing.assert_close(out.diagnostics["top2_margin"].double(), margin, rtol=1e-5, atol=1e-6)
+        agreement = (p_sl.argmax(1) == p_st.argmax(1))[valid].double().mean()
+        torch.testing.assert_close(out.diagnostics["sl_agreement"].double(), agreement)
+        torch.testing.assert_close(out.sl_logits.double(), cosines / TAU, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(
             float(out.diagnostics["prior_entropy"]), -(prior * np.log(prior)).sum(), 1e-6
         )
         assert all(value.dim() == 0 for value in out.diagnostics.values())
+
+
+def test_without_rectification_the_labels_are_argmax_p_st_and_the_rest_runs_alike():
+    z, p_st, valid = make_batch(6)
+    teacher_w, student_w = torch.randn(C, D), torch.randn(C, D)
+    # A teacher whose P_SL disagrees with P_ST somewhere, so rectification changes labels.
+    rectified = SelfLabeling(C, D, num_samples=M, bank_size=12)(
+        z, p_st, teacher_w, student_w, valid_mask=valid, generator=torch.Generator().manual_seed(0)
+    )
+    argmax = torch.where(valid, p_st.argmax(1), IGNORE)
+    assert not torch.equal(rectified.labels, argmax)
+    plain = SelfLabeling(C, D, num_samples=M, bank_size=12, rectification=False)(
+        z, p_st, teacher_w, student_w, valid_mask=valid, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(plain.labels, argmax, rtol=0, atol=0)
+    assert float(plain.diagnostics["changed_share"]) == 0.0
+    torch.testing.assert_close(plain.sl_probs, rectified.sl_probs)  # P_SL is still computed (diagnostics)
+    # The threshold then applies to P_ST's own confidence.
+    thresholded = SelfLabeling(C, D, num_samples=M, bank_size=12, rectification=False, rectify_threshold=0.7)(
+        z, p_st, teacher_w, student_w, valid_mask=valid, generator=torch.Generator().manual_seed(0)
+    )
+    confident = valid & (p_st.max(1).values >= 0.7)
+    torch.testing.assert_close(
+        thresholded.labels, torch.where(confident, p_st.argmax(1), IGNORE), rtol=0, atol=0
+    )
+
+
+def test_without_a_bank_sinkhorn_sees_the_current_samples_only():
+    module = SelfLabeling(C, D, num_samples=M, bank_size=0)
+    assert module.bank is None and set(module.state_dict()) == {"prior.distribution"}
+    z, p_st, valid = make_batch(8)
+    student_w = torch.randn(C, D)
+    for step in range(2):  # the second step must not see the first step's samples
+        prior = module.prior.distribution.double().numpy().copy()  # moves after each step
+        out = module(
+            z,
+            p_st,
+            torch.randn(C, D),
+            student_w,
+            valid_mask=valid,
+            generator=torch.Generator().manual_seed(step),
+        )
+        rows = F.normalize(z.double(), dim=1).permute(0, 2, 3, 1).reshape(2, -1, D)
+        current = torch.stack(
+            [rows[n, out.sample_indices[n, m]] for n in range(2) for m in range(M) if out.sample_valid[n, m]]
+        )
+        scores = current.numpy() @ F.normalize(student_w.double(), dim=1).numpy().T
+        expected = float64_sinkhorn(scores, prior, 0.05, 3)
+        np.testing.assert_allclose(out.q[out.sample_valid].double().numpy(), expected, rtol=2e-4, atol=1e-6)
+        assert float(out.diagnostics["bank_fill"]) == 0.0
 
 
 def test_gradients_reach_prototypes_and_optionally_student_embeddings():

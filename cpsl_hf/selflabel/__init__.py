@@ -7,7 +7,8 @@
 - :func:`prototypes_from_features`, :class:`PrototypeAccumulator`: class-mean prototype initialisation.
 - losses: :func:`self_labeling_loss`, :func:`symmetric_kl`, :func:`one_way_kl`, :func:`rce_loss`,
   :func:`symmetric_ce_loss`, :func:`masked_cross_entropy`.
-- :class:`SelfLabeling`: the whole per-step algorithm, returning :class:`SelfLabelingOutput`.
+- :class:`SelfLabeling`: the whole per-step algorithm, returning :class:`SelfLabelingOutput`;
+  :func:`cosine_logits`: the cosine classifier's scores ``cos(z, W) / tau`` of a map of embeddings.
 """
 
 from .distributed import all_gather_rows, all_reduce_sum
@@ -20,7 +21,7 @@ from .losses import (
     symmetric_kl,
 )
 from .memory import MemoryBank
-from .module import SelfLabeling, SelfLabelingOutput
+from .module import SelfLabeling, SelfLabelingOutput, cosine_logits
 from .prior import ClassPrior, class_histogram, rectify
 from .prototypes import PrototypeAccumulator, prototypes_from_features
 from .sampling import class_balanced_sample, uniform_sample
@@ -36,6 +37,7 @@ __all__ = [
     "all_reduce_sum",
     "class_balanced_sample",
     "class_histogram",
+    "cosine_logits",
     "masked_cross_entropy",
     "one_way_kl",
     "prototypes_from_features",

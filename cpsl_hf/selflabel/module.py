@@ -32,7 +32,7 @@ from .prior import ClassPrior, class_histogram, rectify
 from .sampling import class_balanced_sample, uniform_sample
 from .sinkhorn import sinkhorn
 
-__all__ = ["SelfLabeling", "SelfLabelingOutput"]
+__all__ = ["SelfLabeling", "SelfLabelingOutput", "cosine_logits"]
 
 SAMPLING_METHODS = ("class_balanced", "uniform")
 
@@ -46,13 +46,16 @@ class SelfLabelingOutput:
         loss: 0-dim ``L_SL`` (plus the logits branch's term when enabled); carries the gradient to ``W``
             (and to the student's embeddings when they were given).
         q: N x M x C Sinkhorn targets of this process' sampled pixels (rows of invalid samples are 0).
-        diagnostics: 0-dim tensors ``changed_share`` (share of labelled pixels whose rectified label differs
-            from argmax P_ST, over all processes), ``prior_entropy`` (after the update, nats), ``bank_fill``
-            (share of valid bank slots, after the enqueue).
+        diagnostics: 0-dim tensors, over all processes: ``changed_share`` (share of labelled pixels whose
+            rectified label differs from argmax P_ST), ``sl_agreement`` (share of valid pixels where argmax P_SL
+            equals argmax P_ST), ``top2_margin`` (mean over valid pixels of the gap between the two highest
+            cosines of the teacher embedding to ``W'``), ``prior_entropy`` (after the update, nats),
+            ``bank_fill`` (share of valid bank slots, after the enqueue).
         sample_indices: N x M flat pixel indices into h * w of the sampled pixels.
         sample_valid: N x M bool, false for padding slots of images with fewer than M labelled pixels.
         sl_probs: N x C x h x w teacher ``P_SL`` (float32).
         q_logits: N x M x C targets of the optional logits branch, else None.
+        sl_logits: N x C x h x w teacher scores ``cos(z', W') / tau`` (float32; ``P_SL`` is their softmax).
     """
 
     labels: torch.Tensor
@@ -63,6 +66,24 @@ class SelfLabelingOutput:
     sample_valid: torch.Tensor | None = None
     sl_probs: torch.Tensor | None = None
     q_logits: torch.Tensor | None = None
+    sl_logits: torch.Tensor | None = None
+
+
+def cosine_logits(embeddings: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``cos(z, w_c) / tau`` for every pixel and class, in float32 whatever the autocast mode.
+
+    Args:
+        embeddings: N x D x h x w pixel embeddings (gradients flow into them).
+        prototypes: C x D class prototypes (gradients flow into them unless detached).
+        temperature: tau.
+
+    Returns:
+        N x C x h x w float32 scores.
+    """
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        directions = F.normalize(embeddings.float(), dim=1)
+        unit_prototypes = F.normalize(prototypes.float(), dim=1)
+        return torch.einsum("ndhw,cd->nchw", directions, unit_prototypes) / temperature
 
 
 def _gather_pixels(maps: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -80,7 +101,7 @@ class SelfLabeling(nn.Module):
         num_classes: C.
         embedding_dim: D of the pixel embeddings.
         num_samples: M pixels sampled per image (256).
-        bank_size: memory bank rows (65,536).
+        bank_size: memory bank rows (65,536); 0 runs without a bank (Sinkhorn on the current samples only).
         temperature: tau of the cosine classifier (0.08).
         epsilon: Sinkhorn entropic regulariser (0.05).
         sinkhorn_iterations: 3.
@@ -88,6 +109,8 @@ class SelfLabeling(nn.Module):
         static_prior: keep the prior fixed (reference code).
         sampling: ``"class_balanced"`` (paper Eq. 9) or ``"uniform"`` (reference code).
         rectify_threshold: confidence threshold of :func:`rectify` (0 keeps all pixels).
+        rectification: rectify the pseudo labels with ``P_SL`` (default); False gives ``argmax P_ST`` (with the
+            same threshold on ``P_ST``) while everything else runs as usual (an ablation).
         logits_branch: also run the reference's second Sinkhorn on the teacher's L2-normalised logits (needs
             ``teacher_logits``), with a bank of its own, and add its loss.
         ignore_index: label of ignored pixels (255).
@@ -96,7 +119,8 @@ class SelfLabeling(nn.Module):
             :meth:`initialize_prior`).
         process_group: ``torch.distributed`` group (default: the world when initialised).
 
-    State (``state_dict()``): ``bank.*``, ``prior.distribution`` and, with the logits branch, ``logits_bank.*``.
+    State (``state_dict()``): ``bank.*`` (unless ``bank_size`` is 0), ``prior.distribution`` and, with the logits
+    branch, ``logits_bank.*``.
     """
 
     def __init__(
@@ -112,6 +136,7 @@ class SelfLabeling(nn.Module):
         static_prior: bool = False,
         sampling: str = "class_balanced",
         rectify_threshold: float = 0.0,
+        rectification: bool = True,
         logits_branch: bool = False,
         ignore_index: int = 255,
         sinkhorn_dtype: torch.dtype = torch.float32,
@@ -133,12 +158,17 @@ class SelfLabeling(nn.Module):
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.sampling = sampling
         self.rectify_threshold = float(rectify_threshold)
+        self.rectification = bool(rectification)
+        if bank_size < 0:
+            raise ValueError(f"SelfLabeling: bank_size must be >= 0, got {bank_size}")
         self.logits_branch = bool(logits_branch)
         self.ignore_index = int(ignore_index)
         self.sinkhorn_dtype = sinkhorn_dtype
         self.process_group = process_group
-        self.bank = MemoryBank(bank_size, self.embedding_dim)
-        self.logits_bank = MemoryBank(bank_size, self.num_classes) if self.logits_branch else None
+        self.bank = MemoryBank(bank_size, self.embedding_dim) if bank_size > 0 else None
+        self.logits_bank = (
+            MemoryBank(bank_size, self.num_classes) if self.logits_branch and bank_size > 0 else None
+        )
         initial = torch.ones(self.num_classes) if initial_prior is None else initial_prior
         self.prior = ClassPrior(initial, momentum=prior_momentum, static=static_prior)
 
@@ -147,7 +177,8 @@ class SelfLabeling(nn.Module):
         self.prior.initialize_(class_histogram)
 
     def reset_bank(self) -> None:
-        self.bank.reset()
+        if self.bank is not None:
+            self.bank.reset()
         if self.logits_bank is not None:
             self.logits_bank.reset()
 
@@ -238,16 +269,27 @@ class SelfLabeling(nn.Module):
             inverse_norm = (
                 torch.linalg.vector_norm(flat_z, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
             )
-            sl_logits_teacher = torch.matmul(teacher_w, flat_z)  # N x C x h*w, z never copied
-            sl_logits_teacher.mul_(inverse_norm).div_(self.temperature)
-            sl_logits_teacher = sl_logits_teacher.reshape(num_images, self.num_classes, height, width)
+            cosines = torch.matmul(teacher_w, flat_z)  # N x C x h*w, z never copied
+            cosines.mul_(inverse_norm)
+            top2 = cosines.topk(min(2, self.num_classes), dim=1).values  # N x 2 x h*w
+            margin = (top2[:, 0] - top2[:, -1]).reshape(num_images, height, width)
+            sl_logits_teacher = cosines.div_(self.temperature).reshape(
+                num_images, self.num_classes, height, width
+            )
             sl_probs = torch.softmax(sl_logits_teacher, dim=1)
             p_st = p_st.detach().float()
             labels = rectify(
-                sl_probs, p_st, self.rectify_threshold, ignore_index=self.ignore_index, valid_mask=valid_mask
+                sl_probs if self.rectification else torch.ones_like(sl_probs),
+                p_st,
+                self.rectify_threshold,
+                ignore_index=self.ignore_index,
+                valid_mask=valid_mask,
             )
             labelled = labels != self.ignore_index
-            changed = labelled & (labels != p_st.argmax(dim=1))
+            p_st_argmax = p_st.argmax(dim=1)
+            changed = labelled & (labels != p_st_argmax)
+            valid = torch.ones_like(labelled) if valid_mask is None else valid_mask.bool()
+            agree = valid & (sl_probs.argmax(dim=1) == p_st_argmax)
 
             # 2. Sample M pixels per image; their L2-normalised teacher embeddings.
             indices, sample_valid = self.sample(labels, generator=generator)
@@ -266,15 +308,19 @@ class SelfLabeling(nn.Module):
                     class_histogram(labels, self.num_classes, self.ignore_index),
                     changed.sum().float().reshape(1),
                     labelled.sum().float().reshape(1),
+                    agree.sum().float().reshape(1),
+                    (margin * valid).sum().reshape(1),
+                    valid.sum().float().reshape(1),
                 ]
             )
             statistics = all_reduce_sum(statistics, self.process_group)
 
             # 4. Sinkhorn on [bank; all current samples]; this process keeps its own rows.
             student_w = F.normalize(student_prototypes.detach().float(), dim=1)
+            bank_rows = 0 if self.bank is None else self.bank.size
             own_rows = slice(
-                self.bank.size + rank * num_images * self.num_samples,
-                self.bank.size + (rank + 1) * num_images * self.num_samples,
+                bank_rows + rank * num_images * self.num_samples,
+                bank_rows + (rank + 1) * num_images * self.num_samples,
             )
             q = self._assign(self.bank, all_samples, all_valid, student_w.t())[own_rows]
             q = q.float().reshape(num_images, self.num_samples, self.num_classes)
@@ -298,15 +344,20 @@ class SelfLabeling(nn.Module):
 
         # 6. State updates: every process enqueues the same gathered rows; prior from the global histogram.
         with torch.no_grad():
-            self.bank.enqueue(all_samples, all_valid)
+            if self.bank is not None:
+                self.bank.enqueue(all_samples, all_valid)
             if self.logits_bank is not None:
                 self.logits_bank.enqueue(all_logits, all_valid)
             self.prior.update(statistics[: self.num_classes])
+            changed_count, labelled_count, agree_count, margin_sum, valid_count = statistics[
+                self.num_classes :
+            ].unbind()
             diagnostics = {
-                "changed_share": statistics[self.num_classes]
-                / statistics[self.num_classes + 1].clamp_min(1.0),
+                "changed_share": changed_count / labelled_count.clamp_min(1.0),
+                "sl_agreement": agree_count / valid_count.clamp_min(1.0),
+                "top2_margin": margin_sum / valid_count.clamp_min(1.0),
                 "prior_entropy": self.prior.entropy(),
-                "bank_fill": self.bank.fill_fraction(),
+                "bank_fill": self.bank.fill_fraction() if self.bank is not None else statistics.new_zeros(()),
             }
         return SelfLabelingOutput(
             labels=labels,
@@ -317,22 +368,27 @@ class SelfLabeling(nn.Module):
             sample_valid=sample_valid,
             sl_probs=sl_probs,
             q_logits=q_logits,
+            sl_logits=sl_logits_teacher,
         )
 
-    def _assign(self, bank: MemoryBank, current: torch.Tensor, current_valid: torch.Tensor, projection):
-        """Sinkhorn plan for ``[bank; current]``; scores are ``rows @ projection`` (or the rows themselves).
-        The bank is scored in place (no ``size x D`` concatenation), only the B x C scores are concatenated."""
-        if projection is None:
-            scores = torch.cat([bank.embeddings.float(), current], dim=0)
-        else:
-            scores = torch.cat([bank.embeddings.float() @ projection, current @ projection], dim=0)
-        weights = torch.cat([bank.valid, current_valid])
+    def _assign(
+        self, bank: MemoryBank | None, current: torch.Tensor, current_valid: torch.Tensor, projection
+    ):
+        """Sinkhorn plan for ``[bank; current]`` (``current`` alone without a bank); scores are
+        ``rows @ projection`` (or the rows themselves). The bank is scored in place (no ``size x D``
+        concatenation), only the B x C scores are concatenated."""
+        scores, weights = [current], [current_valid]
+        if bank is not None:
+            scores.insert(0, bank.embeddings.float())
+            weights.insert(0, bank.valid)
+        if projection is not None:
+            scores = [rows @ projection for rows in scores]
         return sinkhorn(
-            scores.to(self.sinkhorn_dtype),
+            torch.cat(scores, dim=0).to(self.sinkhorn_dtype),
             self.prior.distribution,
             epsilon=self.epsilon,
             iterations=self.sinkhorn_iterations,
-            weights=weights,
+            weights=torch.cat(weights),
         )
 
     def extra_repr(self) -> str:
