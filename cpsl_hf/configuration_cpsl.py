@@ -43,6 +43,9 @@ DECODE_HEADS = {"segformer": ("segformer",), "resnet": ("proda", "deeplabv2")}
 
 RESNET_OUTPUT_STRIDES = (8, 16, 32)
 
+SEGFORMER_EMBEDDINGS = ("pre_activation", "post_activation")
+"""Where the SegFormer head's pixel embedding is read: before or after the ReLU of its fuse layer."""
+
 _MIT_COMMON: dict[str, Any] = {
     "num_encoder_blocks": 4,
     "sr_ratios": [8, 4, 2, 1],
@@ -139,6 +142,12 @@ class CPSLConfig(PreTrainedConfig):
         aspp_dilations (`list[int]`, *optional*, defaults to `[6, 12, 18, 24]`): dilation rates of the ASPP.
         classifier_dropout_prob (`float`, *optional*, defaults to 0.1): dropout before the 1x1 classifier of the
             ``segformer`` and ``proda`` heads.
+        segformer_embedding (`str`, *optional*, defaults to `"post_activation"`): the ``segformer`` head's pixel
+            embedding (what the self-labeling head reads): ``"post_activation"``, the ReLU output of the fuse
+            layer that the classifier reads (non-negative: every cosine between two embeddings is >= 0), or
+            ``"pre_activation"``, its BatchNorm output before the ReLU (signed, like the GroupNorm output of the
+            reference's ProDA head). Measured on the built-in shift, the signed embedding clusters no better
+            (BENCHMARKS.md). The logits are the same either way.
         sl_temperature (`float`, *optional*, defaults to 0.08): tau of the self-labeling cosine classifier.
         ignore_index (`int`, *optional*, defaults to 255): label ignored by the cross-entropy loss.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the normal init of head weights.
@@ -156,6 +165,7 @@ class CPSLConfig(PreTrainedConfig):
     output_stride: int | None = None
     aspp_dilations: list[int] | tuple[int, ...] = (6, 12, 18, 24)
     classifier_dropout_prob: float = 0.1
+    segformer_embedding: str = "post_activation"
     sl_temperature: float = 0.08
     ignore_index: int = 255
     initializer_range: float = 0.02
@@ -232,6 +242,11 @@ class CPSLConfig(PreTrainedConfig):
                 )
             if len(backbone.hidden_sizes) != 4:
                 raise ValueError("CPSLConfig: a ResNet backbone must have 4 stages (backbone_config.depths).")
+        if self.segformer_embedding not in SEGFORMER_EMBEDDINGS:
+            raise ValueError(
+                f"CPSLConfig: segformer_embedding={self.segformer_embedding!r}; choose one of "
+                f"{list(SEGFORMER_EMBEDDINGS)}."
+            )
         if not self.sl_temperature > 0:
             raise ValueError(f"CPSLConfig: sl_temperature={self.sl_temperature} must be > 0.")
 

@@ -55,7 +55,9 @@ class CPSLSemanticSegmenterOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------- heads
 class CPSLSegformerDecodeHead(nn.Module):
     """SegFormer all-MLP decode head (same layers and weight names as ``SegformerDecodeHead``) that also returns
-    the fused pixel embedding before dropout and classifier.
+    the fused pixel embedding before dropout and classifier: the BatchNorm output before the ReLU (signed,
+    ``config.segformer_embedding="pre_activation"``) or the ReLU output the classifier reads
+    (``"post_activation"``).
 
     Input: the 4 encoder feature maps, N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32).
     Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``decoder_hidden_size``.
@@ -73,6 +75,7 @@ class CPSLSegformerDecodeHead(nn.Module):
         self.activation = nn.ReLU()
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
         self.classifier = nn.Conv2d(decoder_size, config.num_labels, kernel_size=1)
+        self.embedding_before_activation = config.segformer_embedding == "pre_activation"
 
     def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         target_size = encoder_hidden_states[0].shape[2:]
@@ -80,9 +83,10 @@ class CPSLSegformerDecodeHead(nn.Module):
             F.interpolate(projection(features), size=target_size, mode="bilinear", align_corners=False)
             for features, projection in zip(encoder_hidden_states, self.linear_projections)
         ]
-        embeddings = self.activation(self.batch_norm(self.linear_fuse(torch.cat(projected[::-1], dim=1))))
-        logits = self.classifier(self.dropout(embeddings))
-        return embeddings, logits
+        normalized = self.batch_norm(self.linear_fuse(torch.cat(projected[::-1], dim=1)))
+        activated = self.activation(normalized)
+        logits = self.classifier(self.dropout(activated))
+        return (normalized if self.embedding_before_activation else activated), logits
 
 
 class SegformerProjection(nn.Module):

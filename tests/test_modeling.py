@@ -133,6 +133,35 @@ def test_output_strides_and_shapes(config_factory, stride):
     assert plain.embeddings is None and plain.sl_logits is None
 
 
+def test_segformer_embedding_is_signed_before_the_relu_and_the_logits_do_not_change():
+    torch.manual_seed(0)
+    relu = CPSLForSemanticSegmentation(CPSLConfig.from_preset("segformer-tiny")).eval()
+    assert relu.config.segformer_embedding == "post_activation"  # the default of new models
+    signed = CPSLForSemanticSegmentation(
+        CPSLConfig.from_preset("segformer-tiny", segformer_embedding="pre_activation")
+    ).eval()
+    signed.load_state_dict(relu.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out_signed = signed(pixels, output_embeddings=True)
+        out_relu = relu(pixels, output_embeddings=True)
+        features = signed.backbone(pixels, output_hidden_states=True).hidden_states
+        head = signed.decode_head
+        projected = [
+            torch.nn.functional.interpolate(
+                p(f), size=features[0].shape[2:], mode="bilinear", align_corners=False
+            )
+            for f, p in zip(features, head.linear_projections)
+        ]
+        normalized = head.batch_norm(head.linear_fuse(torch.cat(projected[::-1], dim=1)))
+    torch.testing.assert_close(out_signed.embeddings, normalized)
+    torch.testing.assert_close(out_relu.embeddings, normalized.relu())
+    assert (out_signed.embeddings < 0).any() and not (out_relu.embeddings < 0).any()
+    torch.testing.assert_close(out_signed.logits, out_relu.logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="segformer_embedding"):
+        CPSLConfig.from_preset("segformer-tiny", segformer_embedding="relu")
+
+
 def test_deeplabv2_embedding_is_the_backbone_feature():
     torch.manual_seed(0)
     model = CPSLForSemanticSegmentation(tiny_resnet_config(decode_head="deeplabv2")).eval()
