@@ -353,7 +353,7 @@ def _nan_to_none(value):
     return value
 
 
-DATASETS = ("cityscapes", "gta5", "synthia", "synthetic", "prepared")
+DATASETS = ("cityscapes", "gta5", "synthia", "synthetic", "synthetic-hard", "prepared")
 """Dataset names accepted by :func:`load_eval_dataset` and ``scripts/evaluate.py --dataset``."""
 
 DEFAULT_SLIDING_WINDOW = (1024, 1024, 768, 768)
@@ -374,8 +374,9 @@ def load_eval_dataset(
 
     - ``cityscapes``: ``data_dir`` holds ``leftImg8bit/{split}`` and ``gtFine/{split}`` (``split`` "val").
     - ``gta5`` / ``synthia``: the whole folder ``data_dir`` (these datasets have no official split).
-    - ``synthetic``: the built-in synthetic *target* domain (``split`` "val"/"validation" or "train");
-      ``data_dir`` is its cache folder (optional).
+    - ``synthetic`` / ``synthetic-hard``: the built-in synthetic *target* domain of the default or the hard
+      variant of the shift (``split`` "val"/"validation" or "train"); ``data_dir`` is its cache folder
+      (optional).
     - ``prepared``: a dataset written by ``scripts/prepare_dataset.py``; ``data_dir`` is its folder or Hub
       dataset repo id, ``split`` its split name, streamed.
     """
@@ -383,13 +384,14 @@ def load_eval_dataset(
 
     if dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    if dataset == "synthetic":
+    if dataset in ("synthetic", "synthetic-hard"):
         from cpsl_hf.data.synthetic import load_synthetic
 
         if num_classes != 19:
-            raise ValueError(f"--dataset synthetic has 19 classes, got --num_classes {num_classes}")
+            raise ValueError(f"--dataset {dataset} has 19 classes, got --num_classes {num_classes}")
         synthetic_split = "validation" if split in ("val", "validation") else split
-        return load_synthetic(domain="target", split=synthetic_split, cache_dir=data_dir)
+        variant = "hard" if dataset == "synthetic-hard" else "default"
+        return load_synthetic(domain="target", split=synthetic_split, cache_dir=data_dir, variant=variant)
     if data_dir is None:
         raise ValueError(f"--dataset {dataset} needs --data_dir (the dataset folder)")
     if dataset == "prepared":

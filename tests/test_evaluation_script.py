@@ -129,3 +129,18 @@ def test_evaluate_script_rejects_a_protocol_the_model_does_not_predict(fixture_d
         run_script(
             ["--model", str(root / "model"), "--data_dir", str(root / "cityscapes"), "--num_classes", "16"]
         )
+
+
+def test_synthetic_datasets_are_the_target_validation_splits_of_each_variant(tmp_path):
+    from cpsl_hf.data.synthetic import generate_synthetic
+    from cpsl_hf.evaluation import load_eval_dataset
+
+    default = load_eval_dataset("synthetic", tmp_path, split="val")
+    hard = load_eval_dataset("synthetic-hard", tmp_path, split="val")
+    assert len(default) == len(hard) == 100
+    assert default[0]["name"] == "synthetic_target_validation_s0_00000"
+    assert hard[0]["name"] == "synthetic-hard_target_validation_s0_00000"
+    images, _, _ = generate_synthetic("target", "validation", 1, (128, 256), seed=0, variant="hard")
+    assert np.array_equal(np.asarray(hard[0]["image"]), images[0])
+    with pytest.raises(ValueError, match="19 classes"):
+        load_eval_dataset("synthetic-hard", tmp_path, num_classes=16)

@@ -37,9 +37,9 @@ def test_dataset_columns_modes_and_sizes(tmp_path):
 def test_default_split_sizes(monkeypatch, tmp_path):
     calls = []
 
-    def fake_generate(domain, split, num_images, image_size, seed):
+    def fake_generate(domain, split, num_images, image_size, seed, variant="default"):
         calls.append(num_images)
-        return generate_synthetic(domain, split, 1, image_size, seed)
+        return generate_synthetic(domain, split, 1, image_size, seed, variant)
 
     monkeypatch.setattr(synthetic, "generate_synthetic", fake_generate)
     load_synthetic("source", "train", cache_dir=tmp_path, image_size=SIZE)
@@ -130,6 +130,39 @@ def test_target_looks_different_per_class(domains):
     assert edge_sharpness(*domains["target"][:2]) < 0.8 * edge_sharpness(*domains["source"][:2])
 
 
+def test_hard_variant_changes_the_targets_thin_structures_and_two_wheelers(domains):
+    """Same source; in the target, poles, signs, lights and fences take colours the source never shows them in,
+    poles get thinner and bicycles / motorcycles dark; the rest of the target keeps its look."""
+    default_source = generate_synthetic("source", "train", 4, SIZE, seed=0)
+    hard_source = generate_synthetic("source", "train", 4, SIZE, seed=0, variant="hard")
+    assert hard_source[0].tobytes() == default_source[0].tobytes()
+    assert hard_source[1].tobytes() == default_source[1].tobytes()
+    images, labels, names = generate_synthetic("target", "train", 40, SIZE, seed=0, variant="hard")
+    assert names[0] == "synthetic-hard_target_train_s0_00000"
+
+    def class_means(images, labels):
+        flat = labels.ravel()
+        counts = np.bincount(flat, minlength=NUM_CLASSES)[:NUM_CLASSES]
+        sums = np.stack(
+            [np.bincount(flat, images[..., k].ravel(), minlength=NUM_CLASSES) for k in range(3)], 1
+        )
+        return sums[:NUM_CLASSES] / np.maximum(counts, 1)[:, None], counts / flat.size
+
+    hard, hard_share = class_means(images, labels)
+    default, default_share = class_means(*domains["target"][:2])
+    source, _ = class_means(*domains["source"][:2])
+    for name in ("pole", "traffic sign", "traffic light", "fence", "bicycle", "motorcycle"):
+        assert np.linalg.norm(hard[CLASS[name]] - default[CLASS[name]]) > 25, name
+    for name in ("pole", "traffic light", "fence"):  # further from the source than the default target is
+        index = CLASS[name]
+        assert (
+            np.linalg.norm(hard[index] - source[index]) > np.linalg.norm(default[index] - source[index]) + 25
+        )
+    for name in ("road", "sky", "vegetation", "building", "car"):
+        assert np.linalg.norm(hard[CLASS[name]] - default[CLASS[name]]) < 12, name
+    assert hard_share[CLASS["pole"]] < 0.8 * default_share[CLASS["pole"]]
+
+
 def test_cache_hit_returns_same_data_and_parameter_change_regenerates(monkeypatch, tmp_path):
     first = load_synthetic("source", "train", num_images=2, image_size=SIZE, cache_dir=tmp_path)
     folders = sorted(path.name for path in tmp_path.iterdir())
@@ -150,6 +183,7 @@ def test_cache_hit_returns_same_data_and_parameter_change_regenerates(monkeypatc
     load_synthetic("source", "train", num_images=3, image_size=SIZE, cache_dir=tmp_path)
     load_synthetic("source", "train", num_images=2, image_size=(SIZE[0], SIZE[1] + 8), cache_dir=tmp_path)
     load_synthetic("source", "train", num_images=2, image_size=SIZE, seed=1, cache_dir=tmp_path)
+    load_synthetic("source", "train", num_images=2, image_size=SIZE, cache_dir=tmp_path, variant="hard")
     monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + "-changed")
     calls = []
     real_generate = synthetic.generate_synthetic
@@ -162,7 +196,7 @@ def test_cache_hit_returns_same_data_and_parameter_change_regenerates(monkeypatc
     regenerated = load_synthetic("source", "train", num_images=2, image_size=SIZE, cache_dir=tmp_path)
     assert len(calls) == 1
     assert regenerated["name"] == first["name"]
-    assert len({path.name for path in tmp_path.iterdir() if not path.name.startswith(".")}) == 5
+    assert len({path.name for path in tmp_path.iterdir() if not path.name.startswith(".")}) == 6
 
 
 def test_cache_dir_default_honours_environment(monkeypatch, tmp_path):
@@ -182,6 +216,7 @@ def test_cache_dir_default_honours_environment(monkeypatch, tmp_path):
         ({"image_size": (64.0, 128.0)}, "pair of integers"),
         ({"num_images": 0}, "positive integer"),
         ({"seed": -1}, "non-negative"),
+        ({"variant": "harder"}, "unknown variant"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message, tmp_path):

@@ -14,6 +14,11 @@ poles carrying traffic signs and lights, trees, and objects standing on the grou
 (cars, trucks, buses, trams, people, riders on bicycles or motorcycles) scaled by ``f / Z``. Vehicles and
 clothes take random colours in both domains, so those classes must be recognised by shape and context.
 
+A harder variant (``variant="hard"``) keeps the source and changes the target's thin structures and small
+vehicles most: poles darker and thinner, traffic-light housings light instead of dark, sign faces white instead
+of yellow, fences dark, bicycles and motorcycles in dark matte paint. It exists to study what self-training does
+to the classes the warm-up knows only a little (confirmation bias) and whether class balance protects them.
+
 Labels are the 19 Cityscapes train ids (:data:`cpsl_hf.data.protocols.CITYSCAPES_CLASSES`); nothing is
 ignored (255) except what the caller masks later. Generation is deterministic given
 ``(seed, domain, split, index)``: each image draws from its own ``numpy`` generator, so splits never share a
@@ -29,7 +34,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,7 @@ from .protocols import CITYSCAPES_CLASSES
 GENERATOR_VERSION = "6"
 
 DOMAINS = ("source", "target")
+VARIANTS = ("default", "hard")
 SPLITS = ("train", "validation")
 DEFAULT_NUM_IMAGES = {"train": 400, "validation": 100}
 MIN_IMAGE_SIZE = (32, 64)
@@ -81,6 +87,8 @@ class DomainStyle:
     light_gradient: float = 0.0
     haze: float = 0.0
     haze_color: tuple[float, float, float] = (200.0, 200.0, 200.0)
+    pole_width: float = 1.0  # multiplier of the poles' width
+    cycle_paint: tuple[float, float, float] | None = None  # bicycles / motorcycles: this paint (else random)
 
 
 _SOURCE_COLORS = (
@@ -187,6 +195,29 @@ STYLES: dict[str, DomainStyle] = {
         haze_color=(205, 205, 200),
     ),
 }
+
+
+# The harder target: the same camera look and street, but thin structures and small vehicles look unlike the
+# source's (colours the source never shows them in, thinner poles, dark matte two-wheelers).
+_HARD_TARGET_COLORS = list(STYLES["target"].class_colors)
+_HARD_TARGET_COLORS[POLE] = (70.0, 85.0, 75.0)  # dark green-grey masts (source: light grey)
+_HARD_TARGET_COLORS[LIGHT] = (160.0, 160.0, 150.0)  # light housings (source: dark)
+_HARD_TARGET_COLORS[SIGN] = (225.0, 225.0, 220.0)  # white faces (source: yellow)
+_HARD_TARGET_COLORS[FENCE] = (70.0, 60.0, 55.0)  # dark fences (source: tan)
+
+VARIANT_STYLES: dict[str, dict[str, DomainStyle]] = {
+    "default": STYLES,
+    "hard": {
+        "source": STYLES["source"],
+        "target": replace(
+            STYLES["target"],
+            class_colors=tuple(_HARD_TARGET_COLORS),
+            pole_width=0.6,
+            cycle_paint=(35.0, 35.0, 40.0),
+        ),
+    },
+}
+"""The domain styles of each variant of the shift."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -623,7 +654,10 @@ def _draw_cyclist(canvas, camera, rng, style, lateral, depth):
     direction = 1.0 if rng.random() < 0.5 else -1.0
     radius = (0.32 if motor else 0.35) * scale
     gap = (0.7 if motor else 0.55) * scale
-    paint = _random_paint(rng)
+    if style.cycle_paint is None:
+        paint = _random_paint(rng)
+    else:
+        paint = np.clip(np.asarray(style.cycle_paint) + rng.normal(0, 8, 3), 0, 255).astype(np.float32)
     tyre = np.float32([25, 25, 28])
     for offset in (-gap, gap):
         if motor:
@@ -660,7 +694,7 @@ def _draw_pole(canvas, camera, rng, style, lateral, depth):
     scale = camera.focal / depth
     base_y, center_x = camera.project(lateral, depth)
     tall = rng.uniform(4.0, 8.0)
-    half = max(0.15 * scale, 1.0)
+    half = max(0.15 * scale * style.pole_width, 1.0 * style.pole_width)
     top = base_y - tall * scale
     canvas.rect(top, base_y, center_x - half, center_x + half, POLE, _color(rng, style, POLE))
     carries = rng.random()
@@ -828,12 +862,14 @@ def _finish(canvas: _Canvas, rng, style: DomainStyle, horizon: float) -> np.ndar
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_scene(domain: str, image_size: tuple[int, int], rng: np.random.Generator):
-    """Render one street scene.
+def render_scene(
+    domain: str, image_size: tuple[int, int], rng: np.random.Generator, variant: str = "default"
+):
+    """Render one street scene of ``domain`` in ``variant`` of the shift.
 
     Returns ``(image, label)``: uint8 ``H x W x 3`` RGB and uint8 ``H x W`` train ids (0..18).
     """
-    style = STYLES[domain]
+    style = VARIANT_STYLES[variant][domain]
     height, width = image_size
     camera = _Camera(
         focal=1.2 * width,
@@ -855,7 +891,9 @@ def render_scene(domain: str, image_size: tuple[int, int], rng: np.random.Genera
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_arguments(domain, split, num_images, image_size, seed):
+def _check_arguments(domain, split, num_images, image_size, seed, variant="default"):
+    if variant not in VARIANTS:
+        raise ValueError(f"load_synthetic: unknown variant={variant!r}; expected one of {VARIANTS}")
     if domain not in DOMAINS:
         raise ValueError(f"load_synthetic: unknown domain={domain!r}; expected one of {DOMAINS}")
     if split not in SPLITS:
@@ -879,11 +917,14 @@ def _check_arguments(domain, split, num_images, image_size, seed):
         raise ValueError(f"load_synthetic: seed={seed!r} must be a non-negative integer")
 
 
-def generator_fingerprint(domain: str, split: str, num_images: int, image_size, seed: int) -> str:
+def generator_fingerprint(
+    domain: str, split: str, num_images: int, image_size, seed: int, variant: str = "default"
+) -> str:
     """A short hash of everything the generated data depends on (the cache key)."""
     description = {
         "version": GENERATOR_VERSION,
-        "style": asdict(STYLES[domain]),
+        "style": asdict(VARIANT_STYLES[variant][domain]),
+        "variant": variant,
         "domain": domain,
         "split": split,
         "num_images": int(num_images),
@@ -893,16 +934,22 @@ def generator_fingerprint(domain: str, split: str, num_images: int, image_size, 
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def generate_synthetic(domain: str, split: str, num_images: int, image_size, seed: int):
-    """Generate the arrays of one split: ``(images N x H x W x 3 uint8, labels N x H x W uint8, names)``."""
+def generate_synthetic(
+    domain: str, split: str, num_images: int, image_size, seed: int, variant: str = "default"
+):
+    """Generate the arrays of one split: ``(images N x H x W x 3 uint8, labels N x H x W uint8, names)``.
+
+    The ``hard`` variant draws from the same random streams in its own target style (its source equals the
+    default's); its names carry the variant (``synthetic-hard_target_...``)."""
+    prefix = "synthetic" if variant == "default" else f"synthetic-{variant}"
     height, width = int(image_size[0]), int(image_size[1])
     images = np.empty((num_images, height, width, 3), dtype=np.uint8)
     labels = np.empty((num_images, height, width), dtype=np.uint8)
     names = []
     for index in range(num_images):
         rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], _SPLIT_CODE[split], index])
-        images[index], labels[index] = render_scene(domain, (height, width), rng)
-        names.append(f"synthetic_{domain}_{split}_s{seed}_{index:05d}")
+        images[index], labels[index] = render_scene(domain, (height, width), rng, variant)
+        names.append(f"{prefix}_{domain}_{split}_s{seed}_{index:05d}")
     return images, labels, names
 
 
@@ -926,6 +973,7 @@ def load_synthetic(
     image_size: tuple[int, int] = (128, 256),
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    variant: str = "default",
 ):
     """The built-in synthetic domain shift as a ``datasets.Dataset``.
 
@@ -938,6 +986,8 @@ def load_synthetic(
         seed: base seed; the same seed gives byte-identical data.
         cache_dir: where generated splits are saved (``save_to_disk``), one folder per parameter hash;
             default :func:`default_cache_dir`. A changed parameter or generator version regenerates.
+        variant: ``"default"`` (the demo's shift) or ``"hard"`` (the target's thin structures and small
+            vehicles look unlike the source's; see the module docstring).
 
     Returns:
         ``datasets.Dataset`` with columns ``image`` (PIL RGB, ``H x W``), ``label`` (PIL "L", 19-class
@@ -945,15 +995,15 @@ def load_synthetic(
     """
     import datasets
 
-    _check_arguments(domain, split, num_images, image_size, seed)
+    _check_arguments(domain, split, num_images, image_size, seed, variant)
     num_images = DEFAULT_NUM_IMAGES[split] if num_images is None else int(num_images)
-    key = generator_fingerprint(domain, split, num_images, image_size, seed)
+    key = generator_fingerprint(domain, split, num_images, image_size, seed, variant)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"{domain}-{split}-{key}"
     if (target / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(target))
 
-    images, labels, names = generate_synthetic(domain, split, num_images, image_size, seed)
+    images, labels, names = generate_synthetic(domain, split, num_images, image_size, seed, variant)
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.Image(), "name": datasets.Value("string")}
     )
