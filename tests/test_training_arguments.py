@@ -85,6 +85,13 @@ def test_every_shipped_recipe_parses(name, tmp_path):
         (["--push_to_hub"], "--push_to_hub"),
         (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "--resume_from_checkpoint"),
         (["--ema_momentum", "1.5"], "--ema_momentum"),
+        (
+            ["--method", "mean_teacher"],
+            "--consistency reference",
+        ),  # the default consistency needs the SL head
+        (["--pseudo_label_threshold", "1.0"], "--pseudo_label_threshold"),
+        (["--prototype_lr", "0"], "--prototype_lr"),
+        (["--bank_size", "-1"], "--bank_size"),
     ],
 )
 def test_bad_configuration_names_the_argument(argv, named):
@@ -98,6 +105,12 @@ def test_bad_yaml_values_are_caught(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("cpsl:\n  sampling: stratified\n")
     with pytest.raises(ConfigurationError, match="--sampling"):
+        parse_args(["--config", str(config)])
+    config.write_text("model:\n  segformer_embedding: relu\n")  # an optional choice: unset or one of them
+    with pytest.raises(ConfigurationError, match="--segformer_embedding 'relu'"):
+        parse_args(["--config", str(config)])
+    config.write_text("cpsl:\n  pseudo_labels: online\n")  # renamed: teacher
+    with pytest.raises(ConfigurationError, match="frozen | offline | teacher"):
         parse_args(["--config", str(config)])
     config.write_text("training:\n  warmup_stepz: 3\n")
     with pytest.raises(ConfigurationError, match="warmup_stepz"):

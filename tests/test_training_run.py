@@ -67,7 +67,7 @@ def test_reference_options_run(tmp_path, synthetic_cache):
             "--export_model", "teacher", "--gradient_accumulation_steps", "2",
         )
     )  # fmt: skip
-    assert trainer.offline_labels.probabilities.dtype == torch.uint8
+    assert trainer.offline_labels.probabilities.dtype == torch.float16
     assert trainer.offline_labels.probabilities.shape[:2] == (8, 19)
     assert trainer.step == 4
     initial_prior = trainer.self_labeling.prior.distribution.clone()

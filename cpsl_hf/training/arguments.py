@@ -73,6 +73,14 @@ class ModelArguments:
     sl_temperature: float = field(
         default=0.08, metadata={"help": "Temperature tau of the self-labeling cosine classifier."}
     )
+    segformer_embedding: Literal["pre_activation", "post_activation"] | None = field(
+        default=None,
+        metadata={
+            "help": "SegFormer pixel embedding read by the self-labeling head: post_activation (the fuse layer's "
+            "ReLU output the classifier reads, >= 0; the default of new models) or pre_activation (its BatchNorm "
+            "output, signed). None keeps the preset's or the checkpoint's."
+        },
+    )
 
 
 @dataclass
@@ -139,6 +147,14 @@ class DataArguments:
         default_factory=lambda: [128, 256], metadata={"nargs": 2, "help": "Synthetic shift: image H W."}
     )
     synthetic_seed: int = field(default=0, metadata={"help": "Synthetic shift: generator seed."})
+    synthetic_variant: Literal["default", "hard"] = field(
+        default="default",
+        metadata={
+            "help": "Synthetic shift: default (the demo) or hard (the target's thin structures and small "
+            "vehicles look unlike the source's: to study confirmation bias on the classes the warm-up barely "
+            "knows)."
+        },
+    )
     synthetic_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache folder of the generated synthetic datasets."}
     )
@@ -148,14 +164,45 @@ class DataArguments:
 class CPSLArguments:
     """The CPSL algorithm (SPEC.md). Defaults are the paper's; "reference" values reproduce the published code."""
 
-    ema_momentum: float = field(default=0.999, metadata={"help": "EMA momentum m of the teacher and W'."})
+    method: Literal["cpsl", "mean_teacher"] = field(
+        default="cpsl",
+        metadata={
+            "help": "cpsl: self-labeling rectifies the pseudo labels (SPEC.md). mean_teacher: the built-in "
+            "baseline, the same stage (views, losses, EMA, schedule) without self-labeling: pseudo labels are "
+            "argmax P_ST (confidence > --pseudo_label_threshold), no L_SL."
+        },
+    )
+    ema_momentum: float = field(
+        default=0.99,
+        metadata={
+            "help": "EMA momentum m of the teacher and W' (a horizon of 1 / (1 - m) steps). 0.99 suits the "
+            "demo's 300 CPSL steps; the reference's 0.999, which the real-data recipes set, is for tens of "
+            "thousands (after 300 steps at 0.999 the teacher and W' still hold 74% of their start)."
+        },
+    )
+    teacher_mode: Literal["eval", "train"] = field(
+        default="eval",
+        metadata={
+            "help": "The EMA teacher's forward: eval (no dropout / drop path, BatchNorm running statistics) or "
+            "train (the reference code's: dropout and drop path on, BatchNorm with the target batch's statistics)."
+        },
+    )
+    cutout_labels: Literal["ignore", "keep"] = field(
+        default="ignore",
+        metadata={
+            "help": "Pseudo labels inside the strong view's cutout box, whose pixels the student cannot see: "
+            "ignore (255) or keep them in the target loss. The consistency term always skips the box."
+        },
+    )
     ema_ramp: bool = field(
         default=False, metadata={"help": "Ramp the EMA momentum as min(1 - 1/(t+1), m) over CPSL steps t."}
     )
     sinkhorn_epsilon: float = field(default=0.05, metadata={"help": "Sinkhorn entropic regularisation eps."})
     sinkhorn_iterations: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations."})
     samples_per_image: int = field(default=256, metadata={"help": "M: pixels sampled per target image."})
-    bank_size: int = field(default=65536, metadata={"help": "Memory bank (FIFO queue) size."})
+    bank_size: int = field(
+        default=65536, metadata={"help": "Memory bank (FIFO queue) size; 0: no bank (Sinkhorn on the batch)."}
+    )
     sampling: Literal["class_balanced", "uniform"] = field(
         default="class_balanced",
         metadata={"help": "Pixel sampling: class_balanced (paper Eq. 9) or uniform (reference code)."},
@@ -166,7 +213,23 @@ class CPSLArguments:
     )
     prior_momentum: float = field(default=0.999, metadata={"help": "alpha of the dynamic prior update."})
     rectify_threshold: float = field(
-        default=0.0, metadata={"help": "Ignore pixels whose normalised P_SL*P_ST maximum is below this."}
+        default=0.0,
+        metadata={
+            "help": "CPSL: ignore pixels whose normalised P_SL*P_ST maximum is below this (0: keep all)."
+        },
+    )
+    rectification: bool = field(
+        default=True,
+        metadata={
+            "help": "CPSL: rectify the pseudo labels with P_SL (argmax P_SL P_ST). --no_rectification trains on "
+            "argmax P_ST while self-labeling runs on (an ablation; the published code's last version does this)."
+        },
+    )
+    pseudo_label_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "--method mean_teacher: ignore pixels whose P_ST maximum is <= this (0: keep all)."
+        },
     )
     lambda_sl: float = field(default=0.1, metadata={"help": "Weight lambda_1 of the self-labeling loss."})
     lambda_reg: float = field(
@@ -176,11 +239,13 @@ class CPSLArguments:
             "(the reference code's reduction, for which 5 is tuned)."
         },
     )
-    consistency: Literal["symmetric", "reference"] = field(
-        default="symmetric",
+    consistency: Literal["reference", "symmetric", "none"] = field(
+        default="reference",
         metadata={
-            "help": "symmetric: KL(P_w||P_s)+KL(P_s||P_w) of the segmentation softmax (paper Eq. 13); "
-            "reference: one-direction KL of the self-labeling head (published code)."
+            "help": "reference: KL(P_w || P_s) of the self-labeling head, cosine to the EMA prototypes W' on both "
+            "sides (the published code; it trains the student's features, never the prototypes; CPSL only). "
+            "symmetric: KL(P_w||P_s)+KL(P_s||P_w) of the segmentation softmax (paper Eq. 13). none: no "
+            "consistency term. Both KL terms skip the cutout box and pixels outside either view."
         },
     )
     target_loss: Literal["ce", "ce+rce"] = field(
@@ -199,11 +264,36 @@ class CPSLArguments:
             "help": "Add the reference code's second Sinkhorn branch on the teacher's normalised logits."
         },
     )
-    pseudo_labels: Literal["online", "offline"] = field(
-        default="online",
+    pseudo_labels: Literal["frozen", "offline", "teacher"] = field(
+        default="frozen",
         metadata={
-            "help": "P_ST online from the EMA teacher on the weak view, or offline: the frozen warm-up model's "
-            "softmax precomputed once over the target set (stored uint8-quantised)."
+            "help": "Source of P_ST. frozen: the warm-up model, frozen, run on the weak view each step (the "
+            "reference's semantics without files). offline: the frozen warm-up model's softmax computed once "
+            "over the target set and stored (float16, C x h x w per image). teacher: the EMA teacher's softmax "
+            "(P_ST and P_SL then come from one forward pass of one network: a variant, not the method)."
+        },
+    )
+    prototype_optimizer: Literal["sgd", "adamw"] = field(
+        default="sgd",
+        metadata={
+            "help": "Optimiser of the prototypes W, whose only gradient is lambda_sl L_SL: sgd (momentum "
+            "--sgd_momentum, no weight decay; the reference's, where lambda_sl sets W's speed) or adamw (in the "
+            "network's AdamW, whose normalisation cancels lambda_sl)."
+        },
+    )
+    prototype_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of W (None: the decode head's, learning_rate x head_lr_multiplier)."
+        },
+    )
+    pseudo_label_diagnostics: bool = field(
+        default=True,
+        metadata={
+            "help": "Log how the pseudo labels fare: agreement of argmax P_SL with argmax P_ST, share changed by "
+            "the rectification, top-2 cosine margin and, when the target training split has labels, mIoU and "
+            "pixel accuracy of argmax P_ST and of the pseudo labels against them (a diagnostic: those labels "
+            "never reach a loss)."
         },
     )
     init_max_images: int | None = field(
@@ -490,9 +580,15 @@ def _check_choices(args: RunArguments) -> None:
     """Literal-typed arguments hold one of their choices (values from a YAML file bypass argparse)."""
     for group in (args.model, args.data, args.cpsl, args.training):
         for name, hint in typing.get_type_hints(type(group)).items():
-            if typing.get_origin(hint) is Literal and getattr(group, name) not in typing.get_args(hint):
-                choices = " | ".join(typing.get_args(hint))
-                raise ConfigurationError(f"--{name} {getattr(group, name)!r}: expected one of {choices}")
+            value = getattr(group, name)
+            optional = type(None) in typing.get_args(hint)
+            if optional:  # Literal[...] | None: None is allowed, any other value must be a choice
+                if value is None:
+                    continue
+                hint = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
+            if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+                choices = " | ".join(typing.get_args(hint)) + (" (or unset)" if optional else "")
+                raise ConfigurationError(f"--{name} {value!r}: expected one of {choices}")
 
 
 def _check_adversarial(args: RunArguments) -> None:
@@ -589,12 +685,27 @@ def validate_arguments(args: RunArguments) -> None:
         raise ConfigurationError(f"--prior_momentum {cpsl.prior_momentum} must lie in [0, 1]")
     if cpsl.sinkhorn_epsilon <= 0 or cpsl.sinkhorn_iterations < 1:
         raise ConfigurationError("--sinkhorn_epsilon must be > 0 and --sinkhorn_iterations >= 1")
-    if cpsl.samples_per_image < 1 or cpsl.bank_size < 1:
-        raise ConfigurationError("--samples_per_image and --bank_size must be >= 1")
+    if cpsl.samples_per_image < 1 or cpsl.bank_size < 0:
+        raise ConfigurationError("--samples_per_image must be >= 1 and --bank_size >= 0")
     if not 0.0 <= cpsl.rectify_threshold < 1.0:
         raise ConfigurationError(f"--rectify_threshold {cpsl.rectify_threshold} must lie in [0, 1)")
     if not 0.0 <= cpsl.mix_prob <= 1.0:
         raise ConfigurationError(f"--mix_prob {cpsl.mix_prob} must lie in [0, 1]")
+    if not 0.0 <= cpsl.pseudo_label_threshold < 1.0:
+        raise ConfigurationError(f"--pseudo_label_threshold {cpsl.pseudo_label_threshold} must lie in [0, 1)")
+    if cpsl.method == "mean_teacher":
+        if cpsl.consistency == "reference":
+            raise ConfigurationError(
+                "--consistency reference needs the self-labeling head, which --method mean_teacher does not "
+                "train; use --consistency symmetric or none"
+            )
+        if cpsl.sl_grad_to_student_embeddings or cpsl.sl_logits_branch:
+            raise ConfigurationError(
+                "--sl_grad_to_student_embeddings and --sl_logits_branch are parts of self-labeling; "
+                "--method mean_teacher has none"
+            )
+    if cpsl.prototype_lr is not None and cpsl.prototype_lr <= 0:
+        raise ConfigurationError(f"--prototype_lr {cpsl.prototype_lr} must be positive")
     if cpsl.pseudo_labels == "offline" and cpsl.init_max_images is not None:
         raise ConfigurationError(
             f"--init_max_images {cpsl.init_max_images} cannot be combined with --pseudo_labels offline: the "

@@ -4,11 +4,12 @@ The teacher is a full copy of the student (so the EMA prototypes W' are
 ``teacher.self_labeling_head.prototypes``). Each update is one in-place ``torch._foreach_lerp_`` over all
 floating-point parameters (``teacher += (1 - m) * (student - teacher)``) and one ``_foreach_copy_`` of the
 buffers (BatchNorm statistics): no tensor is allocated per step, nothing leaves the device. The teacher
-never requires gradients and stays in eval mode.
+never requires gradients and stays in eval mode, except inside :meth:`EMATeacher.mode` ``(True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -43,6 +44,21 @@ class EMATeacher(nn.Module):
         """The teacher always stays in eval mode (no dropout, frozen BatchNorm statistics)."""
         super().train(False)
         return self
+
+    @contextlib.contextmanager
+    def mode(self, training: bool):
+        """Run the teacher in train mode inside the block when ``training`` (the reference code's EMA teacher:
+        dropout and drop path on, BatchNorm normalising with the batch's own statistics); eval mode again after.
+        BatchNorm running statistics the teacher updates meanwhile are overwritten by the next :meth:`update`,
+        which copies the student's buffers."""
+        if not training:
+            yield self
+            return
+        self.module.train()
+        try:
+            yield self
+        finally:
+            self.module.eval()
 
     def _tensor_lists(self, student: nn.Module):
         """Teacher/student floating-point parameters and buffers, paired by name.

@@ -10,13 +10,15 @@ Stages, counted in global optimisation steps over endless source and target stre
 1. ``warmup`` (steps ``[0, warmup_steps)``): the student learns from the source only (cross-entropy); with
    ``--warmup_adversarial`` also to fool an output-space discriminator on target crops (AdaptSegNet), which
    trains beside it (:meth:`UDATrainer.adversarial_warmup_losses`).
-2. ``init`` (once, when the CPSL stage starts): the EMA teacher becomes a copy of the warm-up model; one
-   pass of the teacher over the target training set gives the prototypes ``W`` = ``W'`` (class means of the
-   embeddings under argmax ``P_ST``, accumulated as sums and counts, all-reduced), the class prior (histogram
-   of argmax ``P_ST``) and, with ``--pseudo_labels offline``, the stored ``P_ST`` maps (uint8-quantised).
+2. ``init`` (once, when the CPSL stage starts): the EMA teacher becomes a copy of the warm-up model, and so
+   does the frozen ``P_ST`` model (``--pseudo_labels frozen``); one pass of the teacher over the target
+   training set gives the prototypes ``W`` = ``W'`` (class means of the embeddings under argmax ``P_ST``,
+   accumulated as sums and counts, all-reduced), the class prior (histogram of argmax ``P_ST``) and, with
+   ``--pseudo_labels offline``, the stored ``P_ST`` maps (float16).
 3. ``cpsl`` (steps ``[warmup_steps, warmup_steps + cpsl_steps)``): student + EMA teacher, weak/strong views,
    rectified labels and ``L_SL`` from :class:`cpsl_hf.selflabel.SelfLabeling`,
-   ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``.
+   ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``. With ``--method mean_teacher`` the same stage
+   without self-labeling (the built-in baseline): labels argmax ``P_ST``, no ``L_SL``.
 4. ``distill1`` .. ``distillR`` (optional, ``--distill_rounds R`` rounds of ``--distill_steps`` each; SPEC.md
    stage 3, the reference's stages 2 and 3): the previous model (the CPSL export choice for round 1, the
    previous round's student after that) is frozen and gives hard pseudo labels on the target weak view
@@ -63,6 +65,7 @@ from cpsl_hf.selflabel import (
     PrototypeAccumulator,
     SelfLabeling,
     class_histogram,
+    cosine_logits,
     masked_cross_entropy,
     one_way_kl,
     symmetric_kl,
@@ -72,14 +75,16 @@ from cpsl_hf.selflabel.losses import symmetric_ce_loss
 from .adversarial import OutputDiscriminator, discriminator_loss, generator_loss
 from .arguments import RunArguments, UDATrainingArguments, dataset_kind, validate_against_datasets
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .diagnostics import PseudoLabelMonitor, PseudoLabelRecord
 from .ema import EMATeacher
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 LOSS_NAMES = ("loss", "loss_source", "loss_target", "loss_sl", "loss_reg")
-DIAGNOSTIC_NAMES = ("changed_share", "prior_entropy", "bank_fill")
+DIAGNOSTIC_NAMES = ("changed_share", "sl_agreement", "top2_margin", "prior_entropy", "bank_fill")
 DISTILL_PREFIX = "distill"
+_METHOD_TITLES = {"cpsl": "CPSL", "mean_teacher": "mean-teacher"}
 PHOTOMETRIC_OPS = tuple(name for name in RANDAUGMENT_OPS if name not in GEOMETRIC_OPS)
 
 
@@ -107,6 +112,7 @@ def load_domain_dataset(args: RunArguments, domain: str, split: str):
             image_size=tuple(data.synthetic_image_size),
             seed=data.synthetic_seed,
             cache_dir=data.synthetic_cache_dir,
+            variant=data.synthetic_variant,
         )
     if kind == "gta5":
         return cpsl_data.load_gta5(directory, num_classes=data.num_classes, streaming=data.streaming)
@@ -152,8 +158,15 @@ def build_model(args: RunArguments) -> nn.Module:
     overrides: dict[str, Any] = {"sl_temperature": args.model.sl_temperature}
     if args.model.embedding_dim is not None:
         overrides["embedding_dim"] = args.model.embedding_dim
+    if args.model.segformer_embedding is not None:
+        overrides["segformer_embedding"] = args.model.segformer_embedding
     if args.model.model_name_or_path is not None:
-        model = CPSLForSemanticSegmentation.from_pretrained(args.model.model_name_or_path)
+        loaded_overrides = (
+            {"segformer_embedding": args.model.segformer_embedding}
+            if args.model.segformer_embedding is not None
+            else {}
+        )
+        model = CPSLForSemanticSegmentation.from_pretrained(args.model.model_name_or_path, **loaded_overrides)
         if model.config.num_labels != num_classes:
             raise ValueError(
                 f"--model_name_or_path {args.model.model_name_or_path}: the checkpoint has "
@@ -264,15 +277,18 @@ def hard_pseudo_labels(
 
 
 class OfflinePseudoLabels:
-    """``P_ST`` of the frozen warm-up model over the target training set, stored compactly.
+    """``P_ST`` of the frozen warm-up model over the target training set, computed once and kept in memory.
 
-    Probabilities are quantised to uint8 (``round(255 p)``) at decode resolution: C bytes per decode pixel
-    (Cityscapes at 1/8 of 1024 x 512: 155 KB per image). :meth:`lookup` de-quantises, renormalises and maps
-    them onto a weak view with the view's recorded geometry.
+    Probabilities are stored as float16 at decode resolution: 2 C bytes per decode pixel, i.e. for 19 classes
+    311 KB per image for DeepLab-V2 (stride 8) on Cityscapes at 1024 x 512 (0.93 GB for its 2,975 training
+    images) and 1.2 MB per image for SegFormer (stride 4; 3.7 GB), the same again in every checkpoint.
+    float16 keeps every probability above 6e-8 (relative error 5e-4): a class the warm-up scored low still
+    takes part in the rectification product ``P_SL * P_ST`` (uint8 quantisation zeroed everything below 0.002).
+    :meth:`lookup` renormalises and maps them onto a weak view with the view's recorded geometry.
 
     Attributes:
         index: image name -> row of ``probabilities``.
-        probabilities: K x C x h x w uint8 (CPU).
+        probabilities: K x C x h x w float16 (CPU).
     """
 
     def __init__(self, names: list[str], probabilities: torch.Tensor):
@@ -282,9 +298,9 @@ class OfflinePseudoLabels:
         self.probabilities = probabilities
 
     @staticmethod
-    def quantize(probs: torch.Tensor) -> torch.Tensor:
-        """N x C x h x w float probabilities -> uint8."""
-        return (probs.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    def compress(probs: torch.Tensor) -> torch.Tensor:
+        """N x C x h x w float probabilities -> float16 (the stored form)."""
+        return probs.to(torch.float16)
 
     def lookup(
         self, names: list[str], params, output_size: tuple[int, int], device
@@ -295,7 +311,7 @@ class OfflinePseudoLabels:
         except KeyError as error:
             raise KeyError(f"offline pseudo labels: no stored P_ST for target image {error}") from None
         stored = self.probabilities.index_select(0, rows).to(device, non_blocking=True).float()
-        stored = stored / stored.sum(dim=1, keepdim=True).clamp_min(1.0)
+        stored = stored / stored.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         return warp_to_view(stored, params, output_size, mode="bilinear")
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,6 +343,12 @@ class UDATrainer:
         self.previous_model: nn.Module | None = None  # frozen network that labels the current round's targets
         self.initial_weights: dict[str, torch.Tensor] | None = None  # --distill_init pretrained
         self.discriminator: nn.Module | None = None  # --warmup_adversarial (prepared: DDP-wrapped if several)
+        self.prototype_optimizer = (
+            None  # W's own optimiser when it differs from the network's (--prototype_optimizer)
+        )
+        self.pseudo_label_model: nn.Module | None = None  # --pseudo_labels frozen: the frozen warm-up model
+        self.pseudo_label_monitor: PseudoLabelMonitor | None = None  # --pseudo_label_diagnostics
+        self.pseudo_label_history: dict[str, dict[str, Any]] = {}  # stage -> stage_summary of the monitor
         self.output_dir = Path(args.training.output_dir)
         self.started = time.time()
 
@@ -382,13 +404,20 @@ class UDATrainer:
                 "name": "backbone",
             },
             {"params": groups["head"], "lr": head_lr, "weight_decay": training.weight_decay, "name": "head"},
-            # The prototypes are L2-normalised wherever they are used: weight decay would only shrink them.
-            {"params": groups["prototypes"], "lr": head_lr, "weight_decay": 0.0, "name": "prototypes"},
         ]
-        if training.optimizer == "sgd":
-            optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=training.sgd_momentum)
-        else:
-            optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(training.adam_betas))
+        # The prototypes are L2-normalised wherever they are used: weight decay would only shrink them. Their
+        # only gradient is lambda_sl L_SL; under Adam the update would not depend on lambda_sl, so by default they
+        # get SGD (the reference's) in an optimiser of their own when the network trains with AdamW.
+        prototype_group = {
+            "params": groups["prototypes"],
+            "lr": args.cpsl.prototype_lr if args.cpsl.prototype_lr is not None else head_lr,
+            "weight_decay": 0.0,
+            "name": "prototypes",
+        }
+        separate_prototypes = args.cpsl.prototype_optimizer != training.optimizer
+        if not separate_prototypes:
+            param_groups.append(prototype_group)
+        optimizer = self._make_optimizer(training.optimizer, param_groups)
         schedule = dict(
             warmup_steps=training.warmup_steps,
             cpsl_steps=training.cpsl_steps,
@@ -411,6 +440,16 @@ class UDATrainer:
 
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, prototype_names)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if separate_prototypes:
+            prototype_optimizer = self._make_optimizer(args.cpsl.prototype_optimizer, [prototype_group])
+            prototype_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                prototype_optimizer, lambda step: stage_lr_factor(step, **schedule)
+            )
+            self.prototype_optimizer, self.prototype_scheduler = accelerator.prepare(
+                prototype_optimizer, prototype_scheduler
+            )
+        if args.cpsl.pseudo_label_diagnostics:
+            self.pseudo_label_monitor = PseudoLabelMonitor(self.num_classes, self.device)
         if training.warmup_adversarial:
             # Built after the student, so the student's initial weights do not depend on the option. Prepared:
             # DDP all-reduces its gradients, and save_state/load_state carry its weights, Adam and schedule.
@@ -431,6 +470,17 @@ class UDATrainer:
         self.generator.manual_seed(training.seed * 1000 + 17 + accelerator.process_index)
         if training.report_to != "none":
             accelerator.init_trackers("cpsl", config=_flat_config(args))
+
+    def _make_optimizer(self, kind: str, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """``torch.optim.SGD`` (momentum ``--sgd_momentum``) or ``AdamW`` (``--adam_betas``) over the groups."""
+        training = self.args.training
+        if kind == "sgd":
+            return torch.optim.SGD(param_groups, lr=training.learning_rate, momentum=training.sgd_momentum)
+        return torch.optim.AdamW(param_groups, lr=training.learning_rate, betas=tuple(training.adam_betas))
+
+    def _optimizers(self) -> list:
+        """The prepared optimisers of the student: the network's, and W's own when it has one."""
+        return [self.optimizer] + ([self.prototype_optimizer] if self.prototype_optimizer is not None else [])
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -593,38 +643,71 @@ class UDATrainer:
         self.discriminator_optimizer.step()
         self.discriminator_optimizer.zero_grad(set_to_none=True)
 
-    def cpsl_losses(self, source_batch, target_batch) -> dict[str, torch.Tensor]:
-        """One CPSL step (SPEC.md): every loss of ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``.
+    def _labels_on_strong_view(self, labels_weak: torch.Tensor, strong, decode_size) -> torch.Tensor:
+        """N x h x w weak-view labels warped onto the strong view (nearest; 255 outside it) and, with
+        ``--cutout_labels ignore``, 255 inside the cutout box, whose pixels the student does not see."""
+        labels, _ = warp_to_view(labels_weak, strong.params, decode_size, mode="nearest", fill=IGNORE_INDEX)
+        if self.args.cpsl.cutout_labels == "ignore":
+            labels = labels.masked_fill(_resize_mask(strong.cutout_mask, decode_size), IGNORE_INDEX)
+        return labels
 
-        Source crop (weak view with labels); target weak view -> EMA teacher -> ``P_ST`` (online) or the
-        stored warm-up ``P_ST`` (offline), embeddings ``z'`` -> :class:`SelfLabeling` -> rectified labels
-        ``Y_hat`` and ``L_SL``; target strong view (of the weak crop) -> student. ``Y_hat`` and the teacher's
-        logits are warped onto the strong view with its recorded geometry; ``L_tgt`` (CE, or CE + RCE) and
-        ``L_REG`` (symmetric KL of the segmentation softmax, or the reference's one-direction KL of the SL head)
-        are computed at decode resolution over pixels valid in both views.
+    def pseudo_label_probabilities(
+        self, weak, names: list[str], teacher_logits: torch.Tensor, weak_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P_ST`` on the target weak view from ``--pseudo_labels`` and the pixels where it is defined.
+
+        Args:
+            weak: the target ``WeakView`` (images N x 3 x H x W in [0, 1], recorded geometry).
+            names: the N target image names (``offline`` looks them up).
+            teacher_logits: N x C x h x w float32 EMA-teacher logits on the weak view (``teacher``).
+            weak_valid: N x h x w bool, the view's pixels inside the image.
+
+        Returns:
+            ``(P_ST N x C x h x w float32, valid N x h x w bool)``.
+        """
+        source = self.args.cpsl.pseudo_labels
+        if source == "teacher":
+            return teacher_logits.softmax(dim=1), weak_valid
+        if source == "frozen":
+            with torch.no_grad(), self.accelerator.autocast():
+                logits = self.pseudo_label_model(normalize(weak.images)).logits
+            return logits.float().softmax(dim=1), weak_valid
+        p_st, stored_valid = self.offline_labels.lookup(
+            names, weak.params, tuple(teacher_logits.shape[-2:]), self.device
+        )
+        return p_st, weak_valid & stored_valid
+
+    def cpsl_losses(self, source_batch, target_batch) -> tuple[dict[str, torch.Tensor], PseudoLabelRecord]:
+        """One step of the adaptation stage (SPEC.md): ``L = L_src + L_tgt + lambda_sl L_SL + lambda_reg L_REG``.
+
+        Source crop (weak view with labels). Target weak view -> EMA teacher (embeddings ``z'``, logits) and
+        ``P_ST`` (:meth:`pseudo_label_probabilities`). ``--method cpsl``: ``z'``, ``P_ST`` -> :class:`SelfLabeling`
+        -> rectified labels ``argmax P_SL P_ST`` and ``L_SL``; ``--method mean_teacher``: labels ``argmax P_ST``
+        (confidence above ``--pseudo_label_threshold``), no ``L_SL``. Target strong view (of the weak crop) ->
+        student. The labels and the teacher's maps are warped onto the strong view with its recorded geometry;
+        ``L_tgt`` (CE, or CE + RCE) and ``L_REG`` are computed at decode resolution. ``L_REG`` (``--consistency``):
+        ``reference``, KL(P_w || P_s) of the self-labeling head with the EMA prototypes ``W'`` on both sides
+        (``W'`` is never trained, so the loss reaches the student's features only); ``symmetric``, both KL
+        directions of the segmentation softmax; over pixels valid in both views and outside the cutout box.
+
+        Returns:
+            the losses (``loss`` with its graph, the rest detached) and the step's :class:`PseudoLabelRecord`
+            (for :class:`PseudoLabelMonitor`; the target's ground truth never enters this method).
         """
         cpsl = self.args.cpsl
+        self_labeling = cpsl.method == "cpsl"
         source = self._source_view(source_batch)
         weak, strong = self.target_views(target_batch)
 
-        # Teacher on the weak view: P_ST, embeddings z', logits (all at decode resolution h x w).
-        with torch.no_grad(), self.accelerator.autocast():
-            if cpsl.consistency == "reference":  # needs the teacher's SL-head logits too
-                teacher_out = self.teacher(normalize(weak.images), output_embeddings=True)
-                teacher_embeddings, teacher_sl_logits = teacher_out.embeddings, teacher_out.sl_logits
-                teacher_logits = teacher_out.logits.float()
-            else:  # backbone + decode head only: the core computes P_SL from the embeddings itself
-                teacher_embeddings, teacher_logits = self.teacher.module.encode(normalize(weak.images))
-                teacher_logits = teacher_logits.float()
+        # Teacher on the weak view: embeddings z' and logits (decode resolution h x w); P_ST.
+        with torch.no_grad(), self.accelerator.autocast(), self.teacher.mode(cpsl.teacher_mode == "train"):
+            teacher_embeddings, teacher_logits = self.teacher.module.encode(normalize(weak.images))
+        teacher_logits = teacher_logits.float()
         decode_size = tuple(teacher_logits.shape[-2:])
         weak_valid = _resize_mask(weak.valid_mask, decode_size)
-        if self.offline_labels is None:
-            p_st = teacher_logits.softmax(dim=1)
-        else:
-            p_st, stored_valid = self.offline_labels.lookup(
-                target_batch["name"], weak.params, decode_size, self.device
-            )
-            weak_valid = weak_valid & stored_valid
+        p_st, weak_valid = self.pseudo_label_probabilities(
+            weak, target_batch["name"], teacher_logits, weak_valid
+        )
 
         # Student: source crop, target strong view (and the weak view when L_SL may reach its embeddings).
         student_inputs = [source.images, strong.images]
@@ -635,8 +718,8 @@ class UDATrainer:
         # Optional: paste source pixels into the strong target view (ClassMix / CutMix).
         mix_mask = None
         if cpsl.mix != "none":
-            # The target labels of the mixed image are only known after the self-labeling call below, so the
-            # mask is drawn here (from the source labels) and applied to images now, to labels afterwards.
+            # The target labels of the mixed image are only known after the pseudo labels below, so the mask is
+            # drawn here (from the source labels) and applied to images now, to labels afterwards.
             mixer = class_mix if cpsl.mix == "classmix" else cut_mix
             mixed = mixer(
                 source.images,
@@ -649,71 +732,94 @@ class UDATrainer:
             student_inputs[1] = mixed.images
             mix_mask = mixed.mask
 
-        need_sl_logits = cpsl.consistency == "reference"
         with self.accelerator.autocast():
             student_out = self.model(
                 normalize(torch.cat(student_inputs)),
-                output_embeddings=need_sl_logits or cpsl.sl_grad_to_student_embeddings,
+                output_embeddings=cpsl.consistency == "reference" or cpsl.sl_grad_to_student_embeddings,
             )
         logits = student_out.logits
         source_logits = logits[:num_source]
         target_logits = logits[num_source : num_source + num_target]
-        student_embeddings = None
-        if cpsl.sl_grad_to_student_embeddings:
-            student_embeddings = student_out.embeddings[num_source + num_target :]
 
-        # Self-labeling: rectified labels on the weak view and L_SL (float32 inside the core).
-        result = self.self_labeling(
-            teacher_embeddings=teacher_embeddings,
-            p_st=p_st,
-            teacher_prototypes=self.teacher.module.self_labeling_head.prototypes,
-            student_prototypes=self.unwrapped.self_labeling_head.prototypes,
-            student_embeddings=student_embeddings,
-            teacher_logits=teacher_logits if cpsl.sl_logits_branch else None,
-            valid_mask=weak_valid,
-            generator=self.generator,
+        # Pseudo labels on the weak view: rectified by self-labeling (and L_SL), or argmax P_ST.
+        losses: dict[str, torch.Tensor] = {}
+        teacher_prototypes = self.teacher.module.self_labeling_head.prototypes
+        if self_labeling:
+            student_embeddings = None
+            if cpsl.sl_grad_to_student_embeddings:
+                student_embeddings = student_out.embeddings[num_source + num_target :]
+            result = self.self_labeling(
+                teacher_embeddings=teacher_embeddings,
+                p_st=p_st,
+                teacher_prototypes=teacher_prototypes,
+                student_prototypes=self.unwrapped.self_labeling_head.prototypes,
+                student_embeddings=student_embeddings,
+                teacher_logits=teacher_logits if cpsl.sl_logits_branch else None,
+                valid_mask=weak_valid,
+                generator=self.generator,
+            )
+            labels_weak = result.labels
+            losses["loss_sl"] = result.loss
+            losses.update({name: result.diagnostics[name].detach() for name in DIAGNOSTIC_NAMES})
+        else:
+            labels_weak = hard_pseudo_labels(p_st, cpsl.pseudo_label_threshold, weak_valid)
+        outside = torch.full_like(labels_weak, IGNORE_INDEX)
+        record = PseudoLabelRecord(
+            params=weak.params,
+            p_st_labels=torch.where(weak_valid, p_st.argmax(dim=1), outside),
+            pseudo_labels=labels_weak,
+            valid=weak_valid,
+            p_sl_labels=torch.where(weak_valid, result.sl_probs.argmax(dim=1), outside)
+            if self_labeling
+            else None,
         )
 
         # Weak-view quantities onto the strong view (decode resolution).
-        labels_strong, _ = warp_to_view(
-            result.labels, strong.params, decode_size, mode="nearest", fill=IGNORE_INDEX
+        labels_strong = self._labels_on_strong_view(labels_weak, strong, decode_size)
+        strong_valid = _resize_mask(strong.valid_mask, decode_size) & ~_resize_mask(
+            strong.cutout_mask, decode_size
         )
-        strong_valid = _resize_mask(strong.valid_mask, decode_size)
-        reference_w = teacher_logits if cpsl.consistency == "symmetric" else teacher_sl_logits.float()
-        # One warp for the teacher's map and the weak view's validity (an extra channel, > 0.5 = valid).
-        warped, warped_valid = warp_to_view(
-            torch.cat([reference_w, weak_valid[:, None].to(reference_w.dtype)], dim=1),
-            strong.params,
-            decode_size,
-            mode="bilinear",
-        )
-        warped_w = warped[:, :-1]
-        consistency_valid = warped_valid & strong_valid & (warped[:, -1] > 0.5)
         if mix_mask is not None:
-            source_small = _downsample_labels(source.labels, decode_size)
             mixed_small = _resize_mask(mix_mask, decode_size)
-            labels_strong = torch.where(mixed_small, source_small, labels_strong)
-            consistency_valid = consistency_valid & ~mixed_small
+            labels_strong = torch.where(
+                mixed_small, _downsample_labels(source.labels, decode_size), labels_strong
+            )
+            strong_valid = strong_valid & ~mixed_small
 
         loss_source = _cross_entropy_at(source_logits, source.labels)
         if cpsl.target_loss == "ce":
             loss_target = masked_cross_entropy(target_logits, labels_strong, IGNORE_INDEX)
         else:
             loss_target = symmetric_ce_loss(target_logits.float(), labels_strong, ignore_index=IGNORE_INDEX)
-        if cpsl.consistency == "symmetric":
-            loss_reg = symmetric_kl(warped_w, target_logits, consistency_valid)
-        else:
-            student_sl = student_out.sl_logits[num_source : num_source + num_target]
-            loss_reg = one_way_kl(warped_w, student_sl, consistency_valid)
-        loss = loss_source + loss_target + cpsl.lambda_sl * result.loss + cpsl.lambda_reg * loss_reg
-        return {
-            "loss": loss,
-            "loss_source": loss_source.detach(),
-            "loss_target": loss_target.detach(),
-            "loss_sl": result.loss.detach(),
-            "loss_reg": loss_reg.detach(),
-            **{name: result.diagnostics[name].detach() for name in DIAGNOSTIC_NAMES},
-        }
+        loss = loss_source + loss_target
+        if self_labeling:
+            loss = loss + cpsl.lambda_sl * losses["loss_sl"]
+        if cpsl.consistency != "none":
+            if cpsl.consistency == "reference":
+                # cos(z, W') / tau on both sides: the teacher's on the weak view (the core's P_SL logits), the
+                # student's on the strong view; W' is the EMA of W and no optimiser's parameter.
+                reference_w = result.sl_logits
+                student_embeddings_strong = student_out.embeddings[num_source : num_source + num_target]
+                reference_s = cosine_logits(
+                    student_embeddings_strong, teacher_prototypes.detach(), self.self_labeling.temperature
+                )
+            else:
+                reference_w, reference_s = teacher_logits, target_logits
+            # One warp for the teacher's map and the weak view's validity (an extra channel, > 0.5 = valid).
+            warped, warped_valid = warp_to_view(
+                torch.cat([reference_w, weak_valid[:, None].to(reference_w.dtype)], dim=1),
+                strong.params,
+                decode_size,
+                mode="bilinear",
+            )
+            consistency_valid = warped_valid & strong_valid & (warped[:, -1] > 0.5)
+            kl = one_way_kl if cpsl.consistency == "reference" else symmetric_kl
+            loss_reg = kl(warped[:, :-1], reference_s, consistency_valid)
+            loss = loss + cpsl.lambda_reg * loss_reg
+            losses["loss_reg"] = loss_reg
+        losses = {name: value.detach() for name, value in losses.items()}
+        losses.update(loss=loss, loss_source=loss_source.detach(), loss_target=loss_target.detach())
+        return losses, record
 
     def distill_losses(self, source_batch, target_batch) -> dict[str, torch.Tensor]:
         """One distillation step (SPEC.md stage 3): ``L = L_src + L_tgt + lambda_distill_kl L_KL``.
@@ -742,9 +848,7 @@ class UDATrainer:
         target_logits = logits[logits.shape[0] - num_target :]
 
         # Weak-view labels and P_prev onto the strong view (P_prev and the weak view's validity in one warp).
-        labels_strong, _ = warp_to_view(
-            labels_weak, strong.params, decode_size, mode="nearest", fill=IGNORE_INDEX
-        )
+        labels_strong = self._labels_on_strong_view(labels_weak, strong, decode_size)
         warped, warped_valid = warp_to_view(
             torch.cat([previous_probs, weak_valid[:, None].float()], dim=1),
             strong.params,
@@ -783,6 +887,7 @@ class UDATrainer:
             static_prior=cpsl.prior == "static",
             sampling=cpsl.sampling,
             rectify_threshold=cpsl.rectify_threshold,
+            rectification=cpsl.rectification,
             logits_branch=cpsl.sl_logits_branch,
         ).to(self.device)
 
@@ -794,11 +899,28 @@ class UDATrainer:
 
     @torch.no_grad()
     def _initialize_cpsl(self) -> None:
-        """Teacher <- warm-up student; W = W' = class means of teacher embeddings over the target training set
-        (argmax ``P_ST``); prior <- histogram of argmax ``P_ST``; offline ``P_ST`` stored when asked."""
-        accelerator, cpsl = self.accelerator, self.args.cpsl
+        """Teacher <- warm-up student (and the frozen P_ST model, ``--pseudo_labels frozen``); for CPSL, W = W' =
+        class means of teacher embeddings over the target training set (argmax ``P_ST``) and prior <- histogram
+        of argmax ``P_ST``; offline ``P_ST`` stored when asked. The pass over the target set is skipped when
+        nothing needs it (mean teacher without offline labels)."""
+        cpsl = self.args.cpsl
         student = self.unwrapped
         self.teacher.reset(student)
+        if cpsl.pseudo_labels == "frozen":
+            self.pseudo_label_model = _frozen_copy(student)
+        self_labeling = cpsl.method == "cpsl"
+        if self_labeling or cpsl.pseudo_labels == "offline":
+            self._target_pass(self_labeling)
+        # A fresh optimiser state for the new stage (the reference trains the stages as separate runs).
+        for optimizer in self._optimizers():
+            optimizer.optimizer.state.clear()
+        self.cpsl_initialized = True
+
+    def _target_pass(self, self_labeling: bool) -> None:
+        """One pass of the teacher (= the warm-up model) over the target training set: prototypes and prior
+        (``self_labeling``), and the stored ``P_ST`` maps (``--pseudo_labels offline``)."""
+        accelerator, cpsl = self.accelerator, self.args.cpsl
+        student = self.unwrapped
         dataset = self.target_train
         if cpsl.init_max_images is not None and hasattr(dataset, "select"):
             dataset = dataset.select(range(min(cpsl.init_max_images, len(dataset))))
@@ -814,30 +936,29 @@ class UDATrainer:
         ):
             images = batch["pixel_values"].to(self.device, non_blocking=True)
             with self.accelerator.autocast():
-                out = self.teacher(normalize(to_float(images)), output_embeddings=True)
+                out = self.teacher(normalize(to_float(images)), output_embeddings=self_labeling)
             probs = out.logits.float().softmax(dim=1)
-            accumulator.update(out.embeddings.float(), probs)
-            histogram += class_histogram(probs.argmax(dim=1), self.num_classes)
+            if self_labeling:
+                accumulator.update(out.embeddings.float(), probs)
+                histogram += class_histogram(probs.argmax(dim=1), self.num_classes)
             if cpsl.pseudo_labels == "offline":
-                stored.append(OfflinePseudoLabels.quantize(probs).cpu())
+                stored.append(OfflinePseudoLabels.compress(probs).cpu())
                 names.extend(batch["name"])
-        accumulator.all_reduce()
-        histogram = accelerator.reduce(histogram, reduction="sum")
-        prototypes = accumulator.compute(normalize=True)
-        unseen = accumulator.counts == 0
-        # A class no target pixel was assigned to keeps its random (normalised) prototype.
-        prototypes = torch.where(
-            unseen[:, None], F.normalize(student.self_labeling_head.prototypes.float(), dim=1), prototypes
-        )
-        student.self_labeling_head.prototypes.copy_(prototypes)
-        self.teacher.module.self_labeling_head.prototypes.copy_(prototypes)
-        self.self_labeling = self.build_self_labeling()
-        self.self_labeling.initialize_prior(histogram + 1.0)  # +1: no class starts with zero mass
+        if self_labeling:
+            accumulator.all_reduce()
+            histogram = accelerator.reduce(histogram, reduction="sum")
+            prototypes = accumulator.compute(normalize=True)
+            unseen = accumulator.counts == 0
+            # A class no target pixel was assigned to keeps its random (normalised) prototype.
+            prototypes = torch.where(
+                unseen[:, None], F.normalize(student.self_labeling_head.prototypes.float(), dim=1), prototypes
+            )
+            student.self_labeling_head.prototypes.copy_(prototypes)
+            self.teacher.module.self_labeling_head.prototypes.copy_(prototypes)
+            self.self_labeling = self.build_self_labeling()
+            self.self_labeling.initialize_prior(histogram + 1.0)  # +1: no class starts with zero mass
         if cpsl.pseudo_labels == "offline":
             self.offline_labels = self._gather_offline(stored, names)
-        # A fresh optimiser state for the new stage (the reference trains the stages as separate runs).
-        self.optimizer.optimizer.state.clear()
-        self.cpsl_initialized = True
 
     def _gather_offline(self, stored: list[torch.Tensor], names: list[str]) -> OfflinePseudoLabels:
         """Every process ends with the P_ST maps of the whole target set (each computed its shard)."""
@@ -882,7 +1003,8 @@ class UDATrainer:
             student.load_state_dict(self.initial_weights)
         else:
             student.load_state_dict(self.previous_model.state_dict())
-        self.optimizer.optimizer.state.clear()
+        for optimizer in self._optimizers():
+            optimizer.optimizer.state.clear()
         self.distill_round = round_index
 
     # ------------------------------------------------------------------ evaluation
@@ -915,6 +1037,10 @@ class UDATrainer:
             )
         self.unwrapped.train()
         self.history.setdefault(stage, {})[str(self.step)] = results
+        if self.pseudo_label_monitor is not None and stage in self.pseudo_label_monitor.totals:
+            summary = self.pseudo_label_monitor.stage_summary(stage, self.class_names)
+            if summary is not None:
+                self.pseudo_label_history[stage] = {"step": self.step, **summary}
         if self.accelerator.is_main_process:
             summary = ", ".join(f"{who} mIoU {100 * m['mean_iou']:.2f}" for who, m in results.items())
             logger.info("evaluation at step %d (%s): %s", self.step, stage, summary)
@@ -934,6 +1060,10 @@ class UDATrainer:
             "offline_labels": None if self.offline_labels is None else self.offline_labels.state_dict(),
             "distill_round": self.distill_round,
             "previous_model": None if self.previous_model is None else self.previous_model.state_dict(),
+            "pseudo_label_model": None
+            if self.pseudo_label_model is None
+            else self.pseudo_label_model.state_dict(),
+            "pseudo_label_history": self.pseudo_label_history,
             "history": self.history,
             "arguments": self.args.to_dict(),
         }
@@ -941,6 +1071,9 @@ class UDATrainer:
             "source_loader": self.source_loader.state_dict(),
             "target_loader": self.target_loader.state_dict(),
             "generator": self.generator.get_state(),
+            "pseudo_label_monitor": None
+            if self.pseudo_label_monitor is None
+            else self.pseudo_label_monitor.state_dict(),
         }
         return save_checkpoint(
             self.accelerator,
@@ -965,6 +1098,12 @@ class UDATrainer:
         if trainer_state.get("previous_model") is not None:
             self.previous_model = _frozen_copy(self.unwrapped)
             self.previous_model.load_state_dict(trainer_state["previous_model"])
+        if trainer_state.get("pseudo_label_model") is not None:
+            self.pseudo_label_model = _frozen_copy(self.unwrapped)
+            self.pseudo_label_model.load_state_dict(trainer_state["pseudo_label_model"])
+        self.pseudo_label_history = trainer_state.get("pseudo_label_history", {})
+        if self.pseudo_label_monitor is not None and process_state.get("pseudo_label_monitor") is not None:
+            self.pseudo_label_monitor.load_state_dict(process_state["pseudo_label_monitor"])
         self.history = trainer_state["history"]
         self.source_loader.load_state_dict(process_state["source_loader"])
         self.target_loader.load_state_dict(process_state["target_loader"])
@@ -1061,6 +1200,9 @@ class UDATrainer:
                 needs_target = stage != "warmup" or adversarial
                 source_batch = self._next_batch(self.source_loader) if needs_source else None
                 target_batch = self._next_batch(self.target_loader) if needs_target else None
+                # The target's ground truth leaves the batch before any loss sees it: only the pseudo-label
+                # diagnostics read it.
+                target_truth = None if target_batch is None else target_batch.pop("labels")
                 if round_index:
                     losses = self.distill_losses(source_batch, target_batch)
                 elif adversarial:
@@ -1068,7 +1210,9 @@ class UDATrainer:
                 elif stage == "warmup":
                     losses = self.source_losses(source_batch)
                 else:
-                    losses = self.cpsl_losses(source_batch, target_batch)
+                    losses, pseudo_labels = self.cpsl_losses(source_batch, target_batch)
+                    if self.pseudo_label_monitor is not None:
+                        self.pseudo_label_monitor.update(stage, target_truth, pseudo_labels)
                 batch_images = sum(
                     batch["pixel_values"].shape[0]
                     for batch in (source_batch, target_batch)
@@ -1079,8 +1223,9 @@ class UDATrainer:
                     self._sync_prototype_gradient()
                     if training.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                for optimizer in self._optimizers():
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 if adversarial:  # after the student's step, as the reference (D sees detached outputs)
                     self.discriminator_step(losses["loss_discriminator"])
             for name, value in losses.items():
@@ -1090,6 +1235,8 @@ class UDATrainer:
             if not accelerator.sync_gradients:
                 continue
             self.scheduler.step()
+            if self.prototype_optimizer is not None:
+                self.prototype_scheduler.step()
             if adversarial:
                 self.discriminator_scheduler.step()
             self._sync_buffers()
@@ -1147,8 +1294,11 @@ class UDATrainer:
         stacked = torch.stack([running[name].float() for name in names]) / steps
         values = self.accelerator.reduce(stacked, reduction="mean").tolist()
         logs = dict(zip(names, values, strict=True))
-        for group in self.optimizer.optimizer.param_groups:
-            logs[f"lr_{group['name']}"] = group["lr"]
+        if self.pseudo_label_monitor is not None:
+            logs.update(self.pseudo_label_monitor.window_summary())
+        for optimizer in self._optimizers():
+            for group in optimizer.optimizer.param_groups:
+                logs[f"lr_{group['name']}"] = group["lr"]
         logs["images_per_second"] = images / max(seconds, 1e-9)
         self.accelerator.log(logs, step=self.step)
         return logs
@@ -1176,6 +1326,7 @@ class UDATrainer:
                 "exported_model": exported_who,
                 "final": {"stage": final_stage, "step": int(final_key), **exported},
                 "history": self.history,
+                "pseudo_labels": self.pseudo_label_history,
                 "training": training_info,
             }
             metrics_path.write_text(json.dumps(document, indent=2))
@@ -1222,6 +1373,8 @@ class UDATrainer:
             "warmup_steps": args.training.warmup_steps,
             "warmup_adversarial": args.training.warmup_adversarial,
             "cpsl_steps": args.training.cpsl_steps,
+            "method": args.cpsl.method,
+            "pseudo_labels": args.cpsl.pseudo_labels,
             "distill_rounds": args.training.distill_rounds,
             "distill_steps": args.training.distill_steps if args.training.distill_rounds else 0,
             "distill_init": args.training.distill_init if args.training.distill_rounds else None,
@@ -1264,7 +1417,7 @@ class UDATrainer:
                 if training.warmup_adversarial
                 else ""
             )
-            + f" + {training.cpsl_steps} CPSL"
+            + f" + {training.cpsl_steps} {_METHOD_TITLES[args.cpsl.method]}"
             + _distill_recipe(training),
             "batch_size": f"{training.source_batch_size} + {training.target_batch_size} per process "
             f"x {self.accelerator.num_processes} process(es)",
@@ -1306,7 +1459,8 @@ class UDATrainer:
                 continue
             last = self.history[stage][max(self.history[stage], key=int)]
             for who, metrics in last.items():
-                title = {"warmup": "warm-up", "cpsl": f"cpsl {who}"}.get(stage, stage)
+                method = _METHOD_TITLES[self.args.cpsl.method].lower()
+                title = {"warmup": "warm-up", "cpsl": f"{method} {who}"}.get(stage, stage)
                 columns.append((title, metrics))
         if not columns:
             return ""
