@@ -1,12 +1,13 @@
 """Seconds per CPSL training step vs a plain mean-teacher self-training step, as a ratio in one run.
 
-Both steps see the same batch and the same views (source crop; target weak view -> EMA teacher; target
-strong view -> student) and the same losses except the self-labeling part:
+Both are the trainer's own adaptation step (:meth:`UDATrainer.cpsl_losses`) on the same batch, with the same
+views (source crop; target weak view -> EMA teacher and the frozen ``P_ST`` model; target strong view ->
+student), the same backward / optimizer / EMA update, switched by ``--method``:
 
-- plain: ``P_ST = softmax(teacher(weak))``, hard labels ``argmax P_ST`` warped onto the strong view, target
-  CE, symmetric-KL consistency, EMA update (no self-labeling core).
-- CPSL: the trainer's own :meth:`UDATrainer.cpsl_losses` (rectification, class-balanced sampling, Sinkhorn on
-  bank + batch, ``L_SL``, prior update) + the same backward / optimizer / EMA update.
+- mean teacher (``--method mean_teacher --consistency symmetric``): labels ``argmax P_ST`` warped onto the
+  strong view, target CE, symmetric-KL consistency of the segmentation softmax; no self-labeling core.
+- CPSL (the defaults): rectification, class-balanced sampling, Sinkhorn on bank + batch, ``L_SL``, prior update,
+  the self-labeling head's consistency KL to ``W'``, W's own SGD step.
 
 The share of the CPSL step spent inside the self-labeling core (``SelfLabeling.forward``) is measured by
 timing that call in the same steps. On a GPU every timed region is closed by ``torch.cuda.synchronize``.
@@ -28,14 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpsl_hf.data.transforms import normalize, warp_to_view  # noqa: E402
-from cpsl_hf.selflabel import symmetric_kl  # noqa: E402
 from cpsl_hf.training.arguments import parse_args  # noqa: E402
-from cpsl_hf.training.trainer import UDATrainer, _cross_entropy_at  # noqa: E402
+from cpsl_hf.training.trainer import UDATrainer, _frozen_copy  # noqa: E402
 
 
 class BenchTrainer(UDATrainer):
@@ -61,28 +59,26 @@ class BenchTrainer(UDATrainer):
         }
 
     def initialize_random(self):
-        """What the init stage does, minus the pass over a dataset: teacher copy, core with a uniform prior."""
+        """What the init stage does, minus the pass over a dataset: teacher and frozen P_ST model copies, core
+        with a uniform prior."""
         self.teacher.reset(self.unwrapped)
+        self.pseudo_label_model = _frozen_copy(self.unwrapped)
         self.self_labeling = self.build_self_labeling()
         self.cpsl_initialized = True
 
-    def plain_losses(self, source_batch, target_batch):
-        """Mean-teacher self-training with the same views and losses, without the self-labeling core."""
-        source = self._source_view(source_batch)
-        weak, strong = self.target_views(target_batch)
-        with torch.no_grad(), self.accelerator.autocast():
-            teacher_logits = self.teacher(normalize(weak.images)).logits.float()
-        decode_size = tuple(teacher_logits.shape[-2:])
-        labels = teacher_logits.argmax(dim=1)
-        labels_strong, _ = warp_to_view(labels, strong.params, decode_size, mode="nearest", fill=255)
-        warped_w, valid = warp_to_view(teacher_logits, strong.params, decode_size, mode="bilinear")
-        with self.accelerator.autocast():
-            logits = self.model(normalize(torch.cat([source.images, strong.images]))).logits
-        n = source.images.shape[0]
-        loss_source = _cross_entropy_at(logits[:n], source.labels)
-        loss_target = F.cross_entropy(logits[n:].float(), labels_strong, ignore_index=255)
-        loss_reg = symmetric_kl(warped_w, logits[n:], valid)
-        return {"loss": loss_source + loss_target + self.args.cpsl.lambda_reg * loss_reg}
+    def method_losses(self, method: str):
+        """The adaptation step's loss function with ``--method method`` (mean teacher: symmetric consistency)."""
+        cpsl = self.args.cpsl
+        defaults = (cpsl.method, cpsl.consistency)
+
+        def losses(source_batch, target_batch):
+            cpsl.method, cpsl.consistency = (method, "symmetric") if method == "mean_teacher" else defaults
+            try:
+                return self.cpsl_losses(source_batch, target_batch)[0]
+            finally:
+                cpsl.method, cpsl.consistency = defaults
+
+        return losses
 
 
 def _sync(device):
@@ -117,11 +113,14 @@ def measure(preset, image_size, crop, batch, steps, warmup, mixed_precision, ban
 
     trainer.self_labeling.forward = timed_forward
 
+    plain_losses, cpsl_losses = trainer.method_losses("mean_teacher"), trainer.method_losses("cpsl")
+
     def step(losses_fn):
-        losses = losses_fn(source, target)
+        losses = losses_fn(source, {key: value for key, value in target.items() if key != "labels"})
         trainer.accelerator.backward(losses["loss"])
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        for optimizer in trainer._optimizers():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         trainer.teacher.update(trainer.unwrapped)
 
     def time_steps(losses_fn):
@@ -136,16 +135,16 @@ def measure(preset, image_size, crop, batch, steps, warmup, mixed_precision, ban
 
     trainer.model.train()
     for _ in range(warmup):
-        step(trainer.plain_losses)
-        step(trainer.cpsl_losses)
+        step(plain_losses)
+        step(cpsl_losses)
     core_seconds.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Interleave rounds of both so load changes on a shared machine hit both alike.
     plain, cpsl = [], []
     for _ in range(3):
-        plain += time_steps(trainer.plain_losses)
-        cpsl += time_steps(trainer.cpsl_losses)
+        plain += time_steps(plain_losses)
+        cpsl += time_steps(cpsl_losses)
     plain_s, cpsl_s = statistics.median(plain), statistics.median(cpsl)
     core_share = statistics.median(core_seconds) / cpsl_s
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
