@@ -141,3 +141,17 @@ def test_learning_rate_schedule_restarts_per_stage():
     assert stage_lr_factor(10, **schedule) == pytest.approx(0.5 * 0.5)  # CPSL stage restarts, scaled, ramping
     assert stage_lr_factor(20, **schedule) == pytest.approx(0.5 * (1 - 10 / 20))
     assert stage_lr_factor(30, **schedule) == 0.0
+
+
+def test_help_lists_every_argument():
+    """argparse formats help strings with %: a stray % in one breaks `--help` for every argument."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "scripts/train.py", "--help"],
+        capture_output=True, text=True, timeout=120, cwd=CONFIGS.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--method", "--pseudo_labels", "--prototype_optimizer", "--teacher_mode", "--ema_momentum"):
+        assert flag in result.stdout

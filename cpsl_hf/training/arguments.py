@@ -177,7 +177,7 @@ class CPSLArguments:
         metadata={
             "help": "EMA momentum m of the teacher and W' (a horizon of 1 / (1 - m) steps). 0.99 suits the "
             "demo's 300 CPSL steps; the reference's 0.999, which the real-data recipes set, is for tens of "
-            "thousands (after 300 steps at 0.999 the teacher and W' still hold 74% of their start)."
+            "thousands (after 300 steps at 0.999 the teacher and W' still hold 74%% of their start)."
         },
     )
     teacher_mode: Literal["eval", "train"] = field(
