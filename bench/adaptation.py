@@ -12,7 +12,7 @@ the same seed, so the rows differ only in what the row's flags change:
 - ablations of ``cpsl``: no rectification, uniform sampling, static prior, no memory bank, no consistency term;
 - the alternative to each choice the defaults make: the EMA teacher's ``P_ST``, the symmetric softmax KL, W in
   AdamW, the signed SegFormer embedding, the reference's EMA momentum 0.999, cutout labels kept, teacher in
-  train mode.
+  train mode, pseudo labels at the decoder's resolution.
 
 Prints, for student and teacher, target mIoU mean and standard deviation over the seeds, the difference to the
 best mean-teacher row, the pseudo-label diagnostics over the adaptation stage (mIoU and pixel accuracy of argmax
@@ -53,7 +53,8 @@ ROWS: dict[str, str] = {
     "mean_teacher_frozen": "--method mean_teacher --pseudo_labels frozen --consistency symmetric",
     "cpsl": "",
     "cpsl_reference": "--pseudo_labels offline --sampling uniform --prior static --target_loss ce+rce "
-    "--mix cutmix --mix_prob 0.5 --sl_logits_branch --consistency reference --teacher_mode train",
+    "--mix cutmix --mix_prob 0.5 --sl_logits_branch --consistency reference --teacher_mode train "
+    "--pseudo_label_resolution decode",
     # ablations of the method's parts
     "no_rectification": "--no_rectification",
     "uniform_sampling": "--sampling uniform",
@@ -68,6 +69,7 @@ ROWS: dict[str, str] = {
     "reference_ema": "--ema_momentum 0.999",
     "cutout_labels_kept": "--cutout_labels keep",
     "teacher_train_mode": "--teacher_mode train",
+    "decode_resolution_labels": "--pseudo_label_resolution decode",
 }
 """Row name -> trainer flags added to the adaptation run (``source_only`` continues the warm-up instead)."""
 

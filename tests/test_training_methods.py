@@ -69,11 +69,17 @@ def probabilities(model, images) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- mean teacher
-@pytest.mark.parametrize("quantile", [None, 0.5])
-def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(tmp_path, synthetic_cache, quantile):
+def nearest(mask: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5
+
+
+@pytest.mark.parametrize(("quantile", "resolution"), [(None, "crop"), (0.5, "crop"), (0.5, "decode")])
+def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(
+    tmp_path, synthetic_cache, quantile, resolution
+):
     trainer = prepared(
         tmp_path / "run", synthetic_cache, "--method", "mean_teacher", "--consistency", "symmetric",
-        "--pseudo_label_threshold", "0.5",
+        "--pseudo_label_threshold", "0.5", "--pseudo_label_resolution", resolution,
     )  # fmt: skip
     assert trainer.args.cpsl.pseudo_label_threshold == 0.5
     assert trainer.self_labeling is None  # no self-labeling core at all
@@ -91,8 +97,14 @@ def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(tmp_path, synthe
     assert "loss_sl" not in losses and "changed_share" not in losses
 
     p_st = probabilities(independent_model(trainer, warmup), weak.images)  # frozen warm-up model (default)
+    decode = p_st.shape[-2:]
+    crop = weak.images.shape[-2:]
+    valid = nearest(weak.valid_mask, decode)
+    if resolution == "crop":  # P_ST upsampled bilinearly to the crop, labels and loss there
+        p_st = F.interpolate(p_st, size=tuple(crop), mode="bilinear", align_corners=False)
+        valid = nearest(valid, crop) & weak.valid_mask
     size = p_st.shape[-2:]
-    valid = F.interpolate(weak.valid_mask[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    assert tuple(size) == tuple(crop if resolution == "crop" else decode) and tuple(crop) != tuple(decode)
     confidence, argmax = p_st.max(dim=1)
     expected_weak = torch.where(valid & (confidence > threshold), argmax, IGNORE)
     torch.testing.assert_close(record.pseudo_labels, expected_weak, rtol=0, atol=0)
@@ -100,12 +112,14 @@ def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(tmp_path, synthe
     assert (dropped > 0) == (quantile is not None)  # the threshold really drops pixels
 
     labels_strong, _ = warp_to_view(expected_weak, strong.params, tuple(size), mode="nearest", fill=IGNORE)
-    cutout = F.interpolate(strong.cutout_mask[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    cutout = nearest(strong.cutout_mask, size)
     assert cutout.any()
     labels_strong[cutout] = IGNORE  # --cutout_labels ignore (the default): the student does not see them
     with torch.no_grad():
         logits = trainer.unwrapped(normalize(torch.cat([source_view.images, strong.images]))).logits
-    target_logits = logits[source_view.images.shape[0] :]
+    target_logits = F.interpolate(
+        logits[source_view.images.shape[0] :], size=tuple(size), mode="bilinear", align_corners=False
+    )
     expected = F.cross_entropy(target_logits, labels_strong, ignore_index=IGNORE)
     torch.testing.assert_close(losses["loss_target"], expected, rtol=1e-5, atol=1e-6)
 
@@ -176,9 +190,10 @@ def test_each_pseudo_label_source_gives_its_own_p_st(tmp_path, synthetic_cache, 
             assert trainer.pseudo_label_model is not None
         else:
             full = probabilities(model, target["pixel_values"].float() / 255)
-            size = tuple(record.pseudo_labels.shape[-2:])
-            p_st, _ = warp_to_view(full.half().float(), weak.params, size, mode="bilinear")
+            decode = tuple(probabilities(model, weak.images).shape[-2:])  # stored maps are warped there
+            p_st, _ = warp_to_view(full.half().float(), weak.params, decode, mode="bilinear")
     valid = record.valid
+    p_st = F.interpolate(p_st, size=tuple(valid.shape[-2:]), mode="bilinear", align_corners=False)
     expected = torch.where(valid, p_st.argmax(dim=1), IGNORE)
     agree = (record.p_st_labels == expected).float().mean()
     if source_name == "offline":  # float16 storage and renormalisation may flip near-ties only
@@ -187,10 +202,38 @@ def test_each_pseudo_label_source_gives_its_own_p_st(tmp_path, synthetic_cache, 
         torch.testing.assert_close(record.p_st_labels, expected, rtol=0, atol=0)
     # ... and it is not what the other source would have given.
     other = teacher if source_name != "teacher" else warmup
-    other_labels = torch.where(
-        valid, probabilities(independent_model(trainer, other), weak.images).argmax(1), IGNORE
+    other_p_st = F.interpolate(
+        probabilities(independent_model(trainer, other), weak.images),
+        size=tuple(valid.shape[-2:]),
+        mode="bilinear",
+        align_corners=False,
     )
+    other_labels = torch.where(valid, other_p_st.argmax(1), IGNORE)
+    assert other_labels.shape == record.p_st_labels.shape
     assert not torch.equal(record.p_st_labels, other_labels)
+
+
+def test_cpsl_labels_at_the_crop_are_the_rectified_product_of_the_upsampled_maps(tmp_path, synthetic_cache):
+    trainer = prepared(tmp_path / "run", synthetic_cache)  # defaults: frozen P_ST, labels at the crop
+    warmup = {name: value.clone() for name, value in trainer.unwrapped.state_dict().items()}
+    perturb_(trainer.teacher.module, seed=5)
+    source, target, _ = batches(trainer)
+    _, record, (_, weak, _) = step_and_views(trainer, source, target)
+    crop = tuple(weak.images.shape[-2:])
+    with torch.no_grad():
+        z, _ = trainer.teacher.module.encode(normalize(weak.images))
+        w_prime = F.normalize(trainer.teacher.module.self_labeling_head.prototypes, dim=1)
+        p_sl = (torch.einsum("ndhw,cd->nchw", F.normalize(z, dim=1), w_prime) / 0.08).softmax(1)
+    p_st = probabilities(independent_model(trainer, warmup), weak.images)
+
+    def up(maps):
+        return F.interpolate(maps, size=crop, mode="bilinear", align_corners=False)
+
+    valid = nearest(nearest(weak.valid_mask, p_st.shape[-2:]), crop) & weak.valid_mask
+    expected = torch.where(valid, (up(p_sl) * up(p_st)).argmax(1), IGNORE)
+    assert record.pseudo_labels.shape[-2:] == crop
+    assert (record.pseudo_labels == expected).float().mean() > 0.999  # float ties aside
+    assert not torch.equal(expected, torch.where(valid, up(p_st).argmax(1), IGNORE))  # rectification acted
 
 
 def test_offline_p_st_is_stored_in_float16_and_keeps_small_probabilities():

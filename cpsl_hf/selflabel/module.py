@@ -182,6 +182,20 @@ class SelfLabeling(nn.Module):
         if self.logits_bank is not None:
             self.logits_bank.reset()
 
+    def pseudo_labels(
+        self, sl_probs: torch.Tensor, p_st: torch.Tensor, valid_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The configured pseudo labels of N x C x h x w ``P_SL`` and ``P_ST`` (any resolution, e.g. both
+        upsampled to the label size): ``argmax P_SL P_ST`` (rectification), or ``argmax P_ST`` without it, with
+        the confidence threshold; ``ignore_index`` outside ``valid_mask``. N x h x w int64."""
+        return rectify(
+            sl_probs if self.rectification else torch.ones_like(sl_probs),
+            p_st,
+            self.rectify_threshold,
+            ignore_index=self.ignore_index,
+            valid_mask=valid_mask,
+        )
+
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None):
         """(indices, valid), N x M each, with the configured sampler."""
         if self.sampling == "uniform":
@@ -278,13 +292,7 @@ class SelfLabeling(nn.Module):
             )
             sl_probs = torch.softmax(sl_logits_teacher, dim=1)
             p_st = p_st.detach().float()
-            labels = rectify(
-                sl_probs if self.rectification else torch.ones_like(sl_probs),
-                p_st,
-                self.rectify_threshold,
-                ignore_index=self.ignore_index,
-                valid_mask=valid_mask,
-            )
+            labels = self.pseudo_labels(sl_probs, p_st, valid_mask)
             labelled = labels != self.ignore_index
             p_st_argmax = p_st.argmax(dim=1)
             changed = labelled & (labels != p_st_argmax)

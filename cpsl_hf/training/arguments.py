@@ -187,6 +187,15 @@ class CPSLArguments:
             "train (the reference code's: dropout and drop path on, BatchNorm with the target batch's statistics)."
         },
     )
+    pseudo_label_resolution: Literal["crop", "decode"] = field(
+        default="crop",
+        metadata={
+            "help": "Where the target pseudo labels and their cross-entropy live: crop (P_ST and P_SL upsampled "
+            "bilinearly to the crop, the student's logits too, as the source loss; thin structures keep their "
+            "pixels) or decode (the decoder's stride-4/8 grid, the reference). Self-labeling itself (sampling, "
+            "Sinkhorn, prior) always works at the decoder's resolution."
+        },
+    )
     cutout_labels: Literal["ignore", "keep"] = field(
         default="ignore",
         metadata={

@@ -758,39 +758,59 @@ class UDATrainer:
                 valid_mask=weak_valid,
                 generator=self.generator,
             )
-            labels_weak = result.labels
             losses["loss_sl"] = result.loss
             losses.update({name: result.diagnostics[name].detach() for name in DIAGNOSTIC_NAMES})
+
+        # The labels the target loss trains on, at --pseudo_label_resolution: the decoder's (the reference) or
+        # the crop's, from P_ST (and P_SL) upsampled bilinearly, where thin structures keep their pixels.
+        label_size = (
+            decode_size if cpsl.pseudo_label_resolution == "decode" else tuple(weak.images.shape[-2:])
+        )
+        label_valid = _resize_mask(weak_valid, label_size)
+        if label_size != decode_size:
+            label_valid = label_valid & weak.valid_mask
+        p_st_resized = _upsampled(p_st, label_size)
+        if self_labeling:
+            p_sl_resized = _upsampled(result.sl_probs, label_size)
+            labels_weak = (
+                result.labels
+                if label_size == decode_size
+                else self.self_labeling.pseudo_labels(p_sl_resized, p_st_resized, label_valid)
+            )
         else:
-            labels_weak = hard_pseudo_labels(p_st, cpsl.pseudo_label_threshold, weak_valid)
+            labels_weak = hard_pseudo_labels(p_st_resized, cpsl.pseudo_label_threshold, label_valid)
         outside = torch.full_like(labels_weak, IGNORE_INDEX)
         record = PseudoLabelRecord(
             params=weak.params,
-            p_st_labels=torch.where(weak_valid, p_st.argmax(dim=1), outside),
+            p_st_labels=torch.where(label_valid, p_st_resized.argmax(dim=1), outside),
             pseudo_labels=labels_weak,
-            valid=weak_valid,
-            p_sl_labels=torch.where(weak_valid, result.sl_probs.argmax(dim=1), outside)
+            valid=label_valid,
+            p_sl_labels=torch.where(label_valid, p_sl_resized.argmax(dim=1), outside)
             if self_labeling
             else None,
         )
 
-        # Weak-view quantities onto the strong view (decode resolution).
-        labels_strong = self._labels_on_strong_view(labels_weak, strong, decode_size)
+        # Weak-view quantities onto the strong view: labels at their size, the consistency's maps at the decoder's.
+        labels_strong = self._labels_on_strong_view(labels_weak, strong, label_size)
         strong_valid = _resize_mask(strong.valid_mask, decode_size) & ~_resize_mask(
             strong.cutout_mask, decode_size
         )
         if mix_mask is not None:
-            mixed_small = _resize_mask(mix_mask, decode_size)
             labels_strong = torch.where(
-                mixed_small, _downsample_labels(source.labels, decode_size), labels_strong
+                _resize_mask(mix_mask, label_size),
+                _downsample_labels(source.labels, label_size),
+                labels_strong,
             )
-            strong_valid = strong_valid & ~mixed_small
+            strong_valid = strong_valid & ~_resize_mask(mix_mask, decode_size)
 
         loss_source = _cross_entropy_at(source_logits, source.labels)
+        target_logits_at_labels = _upsampled(target_logits, label_size)
         if cpsl.target_loss == "ce":
-            loss_target = masked_cross_entropy(target_logits, labels_strong, IGNORE_INDEX)
+            loss_target = masked_cross_entropy(target_logits_at_labels, labels_strong, IGNORE_INDEX)
         else:
-            loss_target = symmetric_ce_loss(target_logits.float(), labels_strong, ignore_index=IGNORE_INDEX)
+            loss_target = symmetric_ce_loss(
+                target_logits_at_labels.float(), labels_strong, ignore_index=IGNORE_INDEX
+            )
         loss = loss_source + loss_target
         if self_labeling:
             loss = loss + cpsl.lambda_sl * losses["loss_sl"]
@@ -1494,9 +1514,7 @@ def train(args: RunArguments) -> dict[str, Any]:
 def _cross_entropy_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE of N x C x h x w logits upsampled (bilinear) to the N x H x W labels; ignore 255; float32; 0 when no
     pixel is labelled (see :func:`cpsl_hf.selflabel.masked_cross_entropy`)."""
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return masked_cross_entropy(logits, labels, IGNORE_INDEX)
+    return masked_cross_entropy(_upsampled(logits, tuple(labels.shape[-2:])), labels, IGNORE_INDEX)
 
 
 def _frozen_copy(network: nn.Module) -> nn.Module:
@@ -1516,6 +1534,13 @@ def _distill_recipe(training: UDATrainingArguments) -> str:
         f"from {start}; hard labels of confidence > {training.distill_threshold}, "
         f"KL weight {training.lambda_distill_kl})"
     )
+
+
+def _upsampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x C x h x w float maps resized (bilinear) to ``size``; the same tensor when already that size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
