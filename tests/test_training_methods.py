@@ -8,12 +8,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from training_helpers import run, tiny_argv
+from training_helpers import (
+    batches,
+    independent_model,
+    nearest,
+    perturb_,
+    prepared,
+    probabilities,
+    run,
+    step_and_views,
+    tiny_argv,
+)
 
 from cpsl_hf.data.transforms import normalize, warp_to_view
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 from cpsl_hf.training.diagnostics import PseudoLabelMonitor, PseudoLabelRecord, confusion_summary
-from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer, build_model
+from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer
 
 IGNORE = 255
 
@@ -23,56 +33,7 @@ def synthetic_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic_cache")
 
 
-def prepared(tmp_path, cache, *flags) -> UDATrainer:
-    """A set-up trainer right after the CPSL initialisation (1 warm-up step), student in eval mode so that its
-    forward is deterministic (no dropout / drop path) and can be recomputed."""
-    trainer = UDATrainer(parse_args(tiny_argv(tmp_path, cache, "--warmup_steps", "1", *flags)))
-    trainer.setup()
-    trainer.initialize_cpsl()
-    trainer.model.eval()
-    return trainer
-
-
-def batches(trainer: UDATrainer):
-    source = trainer._next_batch(trainer.source_loader)
-    target = trainer._next_batch(trainer.target_loader)
-    return source, target, target.pop("labels")
-
-
-def step_and_views(trainer: UDATrainer, source, target):
-    """(losses, record) of one step and the same step's views, redrawn from the same generator state."""
-    state = trainer.generator.get_state()
-    losses, record = trainer.cpsl_losses(source, target)
-    after = trainer.generator.get_state()
-    trainer.generator.set_state(state)
-    views = trainer._source_view(source), *trainer.target_views(target)
-    trainer.generator.set_state(after)
-    return losses, record, views
-
-
-def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-
-
-def independent_model(trainer: UDATrainer, state: dict) -> torch.nn.Module:
-    model = build_model(trainer.args)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-@torch.no_grad()
-def probabilities(model, images) -> torch.Tensor:
-    return model(normalize(images)).logits.float().softmax(dim=1)
-
-
 # ---------------------------------------------------------------------------------------------- mean teacher
-def nearest(mask: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5
-
-
 @pytest.mark.parametrize(("quantile", "resolution"), [(None, "crop"), (0.5, "crop"), (0.5, "decode")])
 def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(
     tmp_path, synthetic_cache, quantile, resolution

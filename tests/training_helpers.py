@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from cpsl_hf.data.transforms import normalize
 from cpsl_hf.training.arguments import parse_args
-from cpsl_hf.training.trainer import UDATrainer
+from cpsl_hf.training.trainer import UDATrainer, build_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -60,3 +64,53 @@ def run_two_processes(driver_source: str, folder, argv, extra_env=None) -> subpr
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+# ------------------------------------------------------------------ one adaptation step, recomputed
+def prepared(tmp_path, cache, *flags) -> UDATrainer:
+    """A set-up trainer right after the CPSL initialisation (1 warm-up step), student in eval mode so that its
+    forward is deterministic (no dropout / drop path) and can be recomputed."""
+    trainer = UDATrainer(parse_args(tiny_argv(tmp_path, cache, "--warmup_steps", "1", *flags)))
+    trainer.setup()
+    trainer.initialize_cpsl()
+    trainer.model.eval()
+    return trainer
+
+
+def batches(trainer: UDATrainer):
+    source = trainer._next_batch(trainer.source_loader)
+    target = trainer._next_batch(trainer.target_loader)
+    return source, target, target.pop("labels")
+
+
+def step_and_views(trainer: UDATrainer, source, target):
+    """(losses, record) of one step and the same step's views, redrawn from the same generator state."""
+    state = trainer.generator.get_state()
+    losses, record = trainer.cpsl_losses(source, target)
+    after = trainer.generator.get_state()
+    trainer.generator.set_state(state)
+    views = trainer._source_view(source), *trainer.target_views(target)
+    trainer.generator.set_state(after)
+    return losses, record, views
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def independent_model(trainer: UDATrainer, state: dict) -> torch.nn.Module:
+    model = build_model(trainer.args)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def probabilities(model, images) -> torch.Tensor:
+    return model(normalize(images)).logits.float().softmax(dim=1)
+
+
+def nearest(mask: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5

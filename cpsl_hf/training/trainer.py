@@ -926,11 +926,11 @@ class UDATrainer:
         cpsl = self.args.cpsl
         student = self.unwrapped
         self.teacher.reset(student)
-        if cpsl.pseudo_labels == "frozen":
-            self.pseudo_label_model = _frozen_copy(student)
         self_labeling = cpsl.method == "cpsl"
         if self_labeling or cpsl.pseudo_labels == "offline":
             self._target_pass(self_labeling)
+        if cpsl.pseudo_labels == "frozen":  # the whole warm-up model, prototypes included (only its logits serve)
+            self.pseudo_label_model = _frozen_copy(student)
         # A fresh optimiser state for the new stage (the reference trains the stages as separate runs).
         for optimizer in self._optimizers():
             optimizer.optimizer.state.clear()
