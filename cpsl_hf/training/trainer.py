@@ -684,8 +684,10 @@ class UDATrainer:
         ``P_ST`` (:meth:`pseudo_label_probabilities`). ``--method cpsl``: ``z'``, ``P_ST`` -> :class:`SelfLabeling`
         -> rectified labels ``argmax P_SL P_ST`` and ``L_SL``; ``--method mean_teacher``: labels ``argmax P_ST``
         (confidence above ``--pseudo_label_threshold``), no ``L_SL``. Target strong view (of the weak crop) ->
-        student. The labels and the teacher's maps are warped onto the strong view with its recorded geometry;
-        ``L_tgt`` (CE, or CE + RCE) and ``L_REG`` are computed at decode resolution. ``L_REG`` (``--consistency``):
+        student. The labels and the teacher's maps are warped onto the strong view with its recorded geometry.
+        ``L_tgt`` (CE, or CE + RCE) is computed at ``--pseudo_label_resolution`` (the crop's: ``P_ST`` and
+        ``P_SL`` upsampled before the argmax, the student's logits upsampled; or the decoder's), without the
+        cutout box unless ``--cutout_labels keep``. ``L_REG`` (``--consistency``), at the decoder's resolution:
         ``reference``, KL(P_w || P_s) of the self-labeling head with the EMA prototypes ``W'`` on both sides
         (``W'`` is never trained, so the loss reaches the student's features only); ``symmetric``, both KL
         directions of the segmentation softmax; over pixels valid in both views and outside the cutout box.
@@ -929,7 +931,9 @@ class UDATrainer:
         self_labeling = cpsl.method == "cpsl"
         if self_labeling or cpsl.pseudo_labels == "offline":
             self._target_pass(self_labeling)
-        if cpsl.pseudo_labels == "frozen":  # the whole warm-up model, prototypes included (only its logits serve)
+        if (
+            cpsl.pseudo_labels == "frozen"
+        ):  # the whole warm-up model, prototypes included (only its logits serve)
             self.pseudo_label_model = _frozen_copy(student)
         # A fresh optimiser state for the new stage (the reference trains the stages as separate runs).
         for optimizer in self._optimizers():
