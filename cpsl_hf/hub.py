@@ -88,6 +88,14 @@ def _format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+_PSEUDO_LABEL_SOURCES = {
+    "frozen": "the frozen warm-up model",
+    "offline": "the warm-up model (computed once over the target set)",
+    "teacher": "the EMA teacher",
+}
+"""How the card names each ``--pseudo_labels`` source."""
+
+
 def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the template needs, validated; the YAML metadata is built with ``huggingface_hub``."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -187,6 +195,10 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
         "base_model": training_info.get("base_model"),
         "example_images": list(training_info.get("example_images") or []),
         "citation": CPSL_CITATION,
+        "method": str(training_info.get("method", "cpsl")),
+        "pseudo_label_source": _PSEUDO_LABEL_SOURCES.get(
+            str(training_info.get("pseudo_labels", "teacher")), "the EMA teacher"
+        ),
     }
 
 
@@ -207,7 +219,8 @@ def render_model_card(
             ``target_dataset``, ``eval_split``, ``eval_dataset_id``, ``datasets`` (Hub ids for the metadata),
             ``base_model`` (e.g. ``nvidia/mit-b5``), ``tags``, ``config``, ``architecture``, ``stage``, ``steps``,
             ``batch_size``, ``crop_size``, ``seed``, ``hardware``, ``mixed_precision``, ``evaluation``,
-            ``training_time_s``, ``hyperparameters`` (dict), ``example_images`` (paths relative to the card).
+            ``training_time_s``, ``hyperparameters`` (dict), ``example_images`` (paths relative to the card),
+            ``method`` (``cpsl`` or ``mean_teacher``), ``pseudo_labels`` (``frozen``, ``offline``, ``teacher``).
         template_path: a Jinja template to use instead of ``model_cards/model_card.md.jinja``.
     """
     import jinja2

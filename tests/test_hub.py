@@ -106,6 +106,20 @@ def test_model_card_round_trips_measured_numbers(tmp_path):
     assert "Limitations" in text
 
 
+@pytest.mark.parametrize(
+    ("method", "pseudo_labels", "says", "never"),
+    [
+        ("cpsl", "frozen", "the frozen warm-up model gives soft pseudo labels", "mean-teacher baseline"),
+        ("cpsl", "teacher", "the EMA teacher gives soft pseudo labels", "mean-teacher baseline"),
+        ("mean_teacher", "teacher", "**mean-teacher baseline**", "with **CPSL**"),
+    ],
+)
+def test_model_card_describes_the_method_that_trained_it(tmp_path, method, pseudo_labels, says, never):
+    text = write_model_card(tmp_path, METRICS_19, {**INFO, "method": method, "pseudo_labels": pseudo_labels})
+    text = ModelCard.load(text).text
+    assert says in text and never not in text
+
+
 def test_model_card_sixteen_classes_reports_thirteen_class_miou():
     metrics = {
         "mean_iou": 0.375,

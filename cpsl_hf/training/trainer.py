@@ -1457,6 +1457,8 @@ class UDATrainer:
                 if isinstance(value, (int, float, str, bool)) and key not in ("output_dir", "config")
             },
             "num_classes": self.num_classes,
+            "method": args.cpsl.method,
+            "pseudo_labels": args.cpsl.pseudo_labels,
         }
         if training.hub_model_id:
             card_info["repo_id"] = training.hub_model_id
