@@ -9,7 +9,8 @@ the same seed, so the rows differ only in what the row's flags change:
   ``mean_teacher_frozen``: with the frozen warm-up model's (the same ``P_ST`` CPSL rectifies);
 - ``cpsl``: the package's defaults (the paper's method); ``cpsl_reference``: the published code's configuration
   (offline ``P_ST``, uniform sampling, static prior, CE + RCE, CutMix, the logits branch, teacher in train mode);
-- ablations of ``cpsl``: no rectification, uniform sampling, static prior, no memory bank, no consistency term;
+- ablations of ``cpsl``: no rectification, uniform sampling, static prior, uniform prior (Sinkhorn with equal class
+  marginals: no class balance), no memory bank, no consistency term;
 - the alternative to each choice the defaults make: the EMA teacher's ``P_ST``, the symmetric softmax KL, W in
   AdamW, the signed SegFormer embedding, the reference's EMA momentum 0.999, cutout labels kept, teacher in
   train mode, pseudo labels at the decoder's resolution.
@@ -59,6 +60,7 @@ ROWS: dict[str, str] = {
     "no_rectification": "--no_rectification",
     "uniform_sampling": "--sampling uniform",
     "static_prior": "--prior static",
+    "uniform_prior": "--prior uniform",
     "no_memory_bank": "--bank_size 0",
     "no_consistency": "--consistency none",
     # the choices the defaults make (each the alternative to one default)

@@ -184,6 +184,21 @@ def test_cpsl_initialisation_against_class_means_over_the_target_set(tmp_path, s
     torch.testing.assert_close(trainer.self_labeling.prior.distribution, expected_prior, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("prior", ["dynamic", "static", "uniform"])
+def test_prior_option_sets_the_sinkhorn_marginal_and_its_updates(tmp_path, synthetic_cache, prior):
+    trainer = prepared(tmp_path / "run", synthetic_cache, "--prior", prior)
+    initial = trainer.self_labeling.prior.distribution.clone()
+    uniform = torch.full((19,), 1 / 19)
+    # dynamic and static start at the histogram of argmax P_ST (+1, far from uniform here); uniform at 1/C.
+    assert torch.allclose(initial, uniform, rtol=0, atol=1e-7) == (prior == "uniform")
+    for _ in range(2):
+        source, target, _ = batches(trainer)
+        trainer.cpsl_losses(source, target)
+    after = trainer.self_labeling.prior.distribution
+    assert torch.equal(after, initial) == (prior != "dynamic")
+    torch.testing.assert_close(after.sum(), torch.tensor(1.0))
+
+
 def test_frozen_p_st_model_is_the_warm_up_model_and_never_trains(tmp_path, synthetic_cache):
     trainer = prepared(tmp_path / "run", synthetic_cache)
     frozen = trainer.pseudo_label_model

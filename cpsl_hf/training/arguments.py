@@ -216,9 +216,13 @@ class CPSLArguments:
         default="class_balanced",
         metadata={"help": "Pixel sampling: class_balanced (paper Eq. 9) or uniform (reference code)."},
     )
-    prior: Literal["dynamic", "static"] = field(
+    prior: Literal["dynamic", "static", "uniform"] = field(
         default="dynamic",
-        metadata={"help": "Class prior r: dynamic moving average (paper) or static (reference code)."},
+        metadata={
+            "help": "Class prior r, the Sinkhorn class marginal: dynamic moving average from the histogram of "
+            "argmax P_ST (paper), static at that histogram (reference code), or uniform (an ablation: "
+            "SwAV's equipartition, every class gets the same share of the bank, no class balance)."
+        },
     )
     prior_momentum: float = field(default=0.999, metadata={"help": "alpha of the dynamic prior update."})
     rectify_threshold: float = field(

@@ -906,7 +906,7 @@ class UDATrainer:
             epsilon=cpsl.sinkhorn_epsilon,
             sinkhorn_iterations=cpsl.sinkhorn_iterations,
             prior_momentum=cpsl.prior_momentum,
-            static_prior=cpsl.prior == "static",
+            static_prior=cpsl.prior != "dynamic",
             sampling=cpsl.sampling,
             rectify_threshold=cpsl.rectify_threshold,
             rectification=cpsl.rectification,
@@ -980,7 +980,8 @@ class UDATrainer:
             student.self_labeling_head.prototypes.copy_(prototypes)
             self.teacher.module.self_labeling_head.prototypes.copy_(prototypes)
             self.self_labeling = self.build_self_labeling()
-            self.self_labeling.initialize_prior(histogram + 1.0)  # +1: no class starts with zero mass
+            if cpsl.prior != "uniform":  # uniform: the built prior, 1/C, for ever
+                self.self_labeling.initialize_prior(histogram + 1.0)  # +1: no class starts with zero mass
         if cpsl.pseudo_labels == "offline":
             self.offline_labels = self._gather_offline(stored, names)
 
