@@ -37,6 +37,8 @@ from cpsl_hf.inference import predict_logits, unwrap_model
 
 __all__ = [
     "ConfusionMatrix",
+    "confusion_counts",
+    "confusion_rates",
     "evaluate_model",
     "evaluate_checkpoint",
     "load_eval_dataset",
@@ -98,14 +100,11 @@ class ConfusionMatrix:
             )
         labels = labels.to(self.device, non_blocking=True).long()
         predictions = self._predictions(logits_or_preds, labels.shape)
-        count = self.num_classes * self.num_classes
         labelled = labels != self.ignore_index
         label_ok = (labels >= 0) & (labels < self.num_classes)
         prediction_ok = (predictions >= 0) & (predictions < self.num_classes)
         counted = labelled & label_ok & prediction_ok
-        index = torch.where(counted, labels * self.num_classes + predictions, count).flatten()
-        counts = _histogram(index, count + 1)
-        self.matrix += counts[:count].view(self.num_classes, self.num_classes)
+        self.matrix += confusion_counts(labels, predictions, self.num_classes, counted)
         self._counters[0] += labels.shape[0]
         self._counters[1] += (labelled & ~label_ok).sum()
         self._counters[2] += (labelled & label_ok & ~prediction_ok).sum()
@@ -181,19 +180,11 @@ class ConfusionMatrix:
         names = list(class_names) if class_names is not None else _default_class_names(self.num_classes)
         if len(names) != self.num_classes:
             raise ValueError(f"class_names has {len(names)} entries, expected {self.num_classes}")
-        matrix = self.matrix.cpu().double()
-        true_positives = matrix.diagonal()
-        ground_truth = matrix.sum(1)
-        predicted = matrix.sum(0)
-        union = ground_truth + predicted - true_positives
-        nan = torch.tensor(float("nan"), dtype=torch.float64)
-        iou = torch.where(union > 0, true_positives / union.clamp_min(1), nan)
-        accuracy = torch.where(ground_truth > 0, true_positives / ground_truth.clamp_min(1), nan)
-        total = ground_truth.sum()
+        iou, accuracy, overall_accuracy = confusion_rates(self.matrix)
         metrics = {
             "mean_iou": _nanmean(iou),
             "mean_accuracy": _nanmean(accuracy),
-            "overall_accuracy": float(true_positives.sum() / total) if total > 0 else float("nan"),
+            "overall_accuracy": overall_accuracy,
             "per_category_iou": iou.tolist(),
             "per_category_accuracy": accuracy.tolist(),
             "class_names": names,
@@ -203,6 +194,39 @@ class ConfusionMatrix:
         if self.num_classes == 16:
             metrics["mean_iou_13"] = _nanmean(iou[list(protocols.THIRTEEN_OF_SIXTEEN)])
         return metrics
+
+
+def confusion_counts(
+    labels: torch.Tensor, predictions: torch.Tensor, num_classes: int, counted: torch.Tensor
+) -> torch.Tensor:
+    """C x C int64 confusion counts (rows: ``labels``, columns: ``predictions``) of the pixels where ``counted``.
+
+    Args:
+        labels, predictions: int64 tensors of one shape, values in ``0 .. C-1`` wherever ``counted``.
+        num_classes: C.
+        counted: bool tensor of that shape.
+
+    One histogram of ``label * C + prediction`` on the device, no host synchronisation (:func:`_histogram`).
+    """
+    count = num_classes * num_classes
+    index = torch.where(counted, labels * num_classes + predictions, count).flatten()
+    return _histogram(index, count + 1)[:count].view(num_classes, num_classes)
+
+
+def confusion_rates(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(iou, accuracy, overall_accuracy)`` of a C x C confusion matrix (rows: ground truth): length-C float64
+    per-class IoU and accuracy (NaN where undefined: no union, no ground-truth pixel) and the overall pixel
+    accuracy (NaN for an empty matrix)."""
+    matrix = matrix.cpu().double()
+    true_positives = matrix.diagonal()
+    ground_truth = matrix.sum(1)
+    union = ground_truth + matrix.sum(0) - true_positives
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    iou = torch.where(union > 0, true_positives / union.clamp_min(1), nan)
+    accuracy = torch.where(ground_truth > 0, true_positives / ground_truth.clamp_min(1), nan)
+    total = ground_truth.sum()
+    overall = float(true_positives.sum() / total) if total > 0 else float("nan")
+    return iou, accuracy, overall
 
 
 def _histogram(index: torch.Tensor, num_bins: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """How good are the pseudo labels? Their confusion against the target's ground truth, as a diagnostic.
 
 When the target training split carries labels (the built-in shift does; Cityscapes' train split ships gtFine),
-:class:`PseudoLabelMonitor` compares, on each step's weak view at decode resolution, two label maps with them:
+:class:`PseudoLabelMonitor` compares, on each step's weak view at the resolution of the trained labels
+(``--pseudo_label_resolution``: the crop's or the decoder's), three label maps with them:
 
 - ``p_st``: argmax ``P_ST``, the labels self-training would use without self-labeling;
 - ``p_sl``: argmax ``P_SL`` (CPSL only), the teacher's nearest prototype ``W'``: what the clustering alone says;
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from cpsl_hf.data.transforms import ViewGeometry, warp_to_view
+from cpsl_hf.evaluation import confusion_counts, confusion_rates
 
 IGNORE_INDEX = 255
 KINDS = ("p_st", "p_sl", "pseudo_labels")
@@ -29,7 +31,8 @@ KINDS = ("p_st", "p_sl", "pseudo_labels")
 
 @dataclass
 class PseudoLabelRecord:
-    """The pseudo labels of one step, on the target weak view at decode resolution (h x w).
+    """The pseudo labels of one step, on the target weak view at the trained labels' resolution (h x w: the
+    crop's or the decoder's, ``--pseudo_label_resolution``).
 
     Attributes:
         params: geometry of the weak view (maps the full target image onto the view).
@@ -49,25 +52,19 @@ class PseudoLabelRecord:
 def _confusion_counts(truth: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     """C x C int64 counts (rows truth, columns prediction) over pixels where both are in ``0 .. C-1``."""
     counted = (truth < num_classes) & (predictions < num_classes) & (truth >= 0) & (predictions >= 0)
-    index = torch.where(counted, truth * num_classes + predictions, num_classes * num_classes).flatten()
-    counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64, device=truth.device)
-    counts.scatter_add_(0, index, torch.ones_like(index))
-    return counts[:-1].view(num_classes, num_classes)
+    return confusion_counts(truth, predictions, num_classes, counted)
 
 
 def confusion_summary(matrix: torch.Tensor, class_names: list[str] | None = None) -> dict[str, Any]:
     """``mean_iou``, ``pixel_accuracy``, ``per_category_iou`` (NaN -> None) and ``pixels`` of a C x C matrix."""
-    matrix = matrix.double().cpu()
-    true_positives = matrix.diagonal()
-    union = matrix.sum(0) + matrix.sum(1) - true_positives
-    iou = torch.where(union > 0, true_positives / union.clamp_min(1), torch.full_like(union, float("nan")))
+    iou, _, overall_accuracy = confusion_rates(matrix)
     defined = iou[~iou.isnan()]
-    total = float(matrix.sum())
+    total = int(matrix.sum())
     summary = {
         "mean_iou": float(defined.mean()) if defined.numel() else None,
-        "pixel_accuracy": float(true_positives.sum()) / total if total > 0 else None,
+        "pixel_accuracy": overall_accuracy if total > 0 else None,
         "per_category_iou": [None if value != value else float(value) for value in iou.tolist()],
-        "pixels": int(total),
+        "pixels": total,
     }
     if class_names is not None:
         summary["class_names"] = list(class_names)
@@ -100,9 +97,9 @@ class PseudoLabelMonitor:
             truth: N x H x W integer ground truth of the full target images (255 unlabelled).
             record: the step's :class:`PseudoLabelRecord`.
         """
-        decode_size = tuple(record.pseudo_labels.shape[-2:])
+        label_size = tuple(record.pseudo_labels.shape[-2:])
         truth_view, _ = warp_to_view(
-            truth.to(self.device).long(), record.params, decode_size, mode="nearest", fill=IGNORE_INDEX
+            truth.to(self.device).long(), record.params, label_size, mode="nearest", fill=IGNORE_INDEX
         )
         truth_view = torch.where(record.valid, truth_view, torch.full_like(truth_view, IGNORE_INDEX))
         nothing = torch.full_like(truth_view, IGNORE_INDEX)

@@ -343,9 +343,8 @@ class UDATrainer:
         self.previous_model: nn.Module | None = None  # frozen network that labels the current round's targets
         self.initial_weights: dict[str, torch.Tensor] | None = None  # --distill_init pretrained
         self.discriminator: nn.Module | None = None  # --warmup_adversarial (prepared: DDP-wrapped if several)
-        self.prototype_optimizer = (
-            None  # W's own optimiser when it differs from the network's (--prototype_optimizer)
-        )
+        # W's own optimiser when it differs from the network's (--prototype_optimizer).
+        self.prototype_optimizer = None
         self.pseudo_label_model: nn.Module | None = None  # --pseudo_labels frozen: the frozen warm-up model
         self.pseudo_label_monitor: PseudoLabelMonitor | None = None  # --pseudo_label_diagnostics
         self.pseudo_label_history: dict[str, dict[str, Any]] = {}  # stage -> stage_summary of the monitor
@@ -931,9 +930,8 @@ class UDATrainer:
         self_labeling = cpsl.method == "cpsl"
         if self_labeling or cpsl.pseudo_labels == "offline":
             self._target_pass(self_labeling)
-        if (
-            cpsl.pseudo_labels == "frozen"
-        ):  # the whole warm-up model, prototypes included (only its logits serve)
+        if cpsl.pseudo_labels == "frozen":
+            # The whole warm-up model, prototypes included (only its logits serve).
             self.pseudo_label_model = _frozen_copy(student)
         # A fresh optimiser state for the new stage (the reference trains the stages as separate runs).
         for optimizer in self._optimizers():
