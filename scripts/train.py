@@ -14,7 +14,7 @@ All logic lives in :mod:`cpsl_hf.training`.
 import sys
 
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
-from cpsl_hf.training.trainer import train
+from cpsl_hf.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> None:

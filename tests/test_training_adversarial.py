@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from training_helpers import run, run_two_processes
+from training_helpers import adaptation, run, run_two_processes, stage_named
 from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.training.adversarial import (
@@ -20,7 +20,7 @@ from cpsl_hf.training.adversarial import (
 )
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
-from cpsl_hf.training.trainer import UDATrainer
+from cpsl_hf.training.loop import Trainer
 
 
 def tiny_argv(output_dir, cache, *extra):
@@ -37,11 +37,11 @@ def _copy(state):
     return {name: tensor.detach().clone() for name, tensor in state.items()}
 
 
-def _discriminator_state(trainer: UDATrainer) -> dict[str, torch.Tensor]:
-    return trainer.accelerator.unwrap_model(trainer.discriminator).state_dict()
+def _discriminator_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return trainer.accelerator.unwrap_model(stage_named(trainer, "warmup").discriminator).state_dict()
 
 
-class RecordingTrainer(UDATrainer):
+class RecordingTrainer(Trainer):
     """Keeps D's weights as ``setup`` built them."""
 
     def setup(self) -> None:
@@ -53,18 +53,18 @@ class RecordingTrainer(UDATrainer):
 def test_adversarial_warmup_then_cpsl_exports_a_loadable_model(tmp_path, synthetic_cache, caplog):
     from transformers import AutoModel
 
-    caplog.set_level(logging.INFO, logger="cpsl_hf.training.trainer")
+    caplog.set_level(logging.INFO, logger="cpsl_hf.training.loop")
     out = tmp_path / "run"
     trainer = run(tiny_argv(out, synthetic_cache, "--lambda_adv", "0.5"), RecordingTrainer)
-    assert trainer.step == 4 and trainer.cpsl_initialized
+    assert trainer.step == 4 and adaptation(trainer).started
 
-    discriminator = trainer.accelerator.unwrap_model(trainer.discriminator)
+    discriminator = trainer.accelerator.unwrap_model(stage_named(trainer, "warmup").discriminator)
     assert isinstance(discriminator, OutputDiscriminator)
     final = _discriminator_state(trainer)
     changed = [name for name in final if not torch.equal(final[name], trainer.initial_discriminator[name])]
     assert sorted(changed) == sorted(final)  # every weight and bias of D was trained
     assert all(p.requires_grad for p in discriminator.parameters())  # frozen only inside the generator term
-    assert trainer.discriminator_optimizer.optimizer.state  # Adam moments exist
+    assert stage_named(trainer, "warmup").optimizer.optimizer.state  # Adam moments exist
 
     # Losses are logged through the running sums: adversarial terms in the warm-up, not in the CPSL stage.
     step_logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
@@ -80,7 +80,7 @@ def test_adversarial_warmup_then_cpsl_exports_a_loadable_model(tmp_path, synthet
     assert metrics["training"]["warmup_adversarial"] is True
     assert "2 warm-up (output-space adversarial, weight 0.5) + 2 CPSL" in (out / "README.md").read_text()
     model = AutoModel.from_pretrained(out)
-    exported = trainer.unwrapped.state_dict()
+    exported = trainer.student.state_dict()
     assert model.state_dict().keys() == exported.keys()  # the export is the student alone, no D
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0, msg=name)
@@ -131,36 +131,38 @@ def test_losses_equal_an_independent_computation(loss_type):
 
 # ------------------------------------------------------------------------------------------------ gradients
 def test_generator_and_discriminator_gradients_stay_apart(tmp_path, synthetic_cache):
-    trainer = UDATrainer(parse_args(tiny_argv(tmp_path / "grads", synthetic_cache, "--lambda_adv", "1.0")))
+    trainer = Trainer(parse_args(tiny_argv(tmp_path / "grads", synthetic_cache, "--lambda_adv", "1.0")))
     trainer.setup()
-    discriminator = trainer.accelerator.unwrap_model(trainer.discriminator)
-    student_parameters = [p for p in trainer.unwrapped.parameters() if p.requires_grad]
-    source_batch = trainer._next_batch(trainer.source_loader)
-    target_batch = trainer._next_batch(trainer.target_loader)
-    losses = trainer.adversarial_warmup_losses(source_batch, target_batch)
+    discriminator = trainer.accelerator.unwrap_model(stage_named(trainer, "warmup").discriminator)
+    student_parameters = [p for p in trainer.student.parameters() if p.requires_grad]
+    source_batch = trainer.next_batch(trainer.source_loader)
+    target_batch = trainer.next_batch(trainer.target_loader)
+    losses = stage_named(trainer, "warmup").losses(source_batch, target_batch).losses
     torch.testing.assert_close(losses["loss"], losses["loss_source"] + losses["loss_adv"])
     assert losses["loss_discriminator"].requires_grad and not losses["loss_adv"].requires_grad
 
     losses["loss"].backward()  # the generator step
     assert all(p.grad is None for p in discriminator.parameters())
     assert all(p.requires_grad for p in discriminator.parameters())
-    head_grads = [p.grad for p in trainer.unwrapped.decode_head.parameters() if p.grad is not None]
+    head_grads = [p.grad for p in trainer.student.decode_head.parameters() if p.grad is not None]
     assert head_grads and any(bool(g.abs().sum() > 0) for g in head_grads)
 
-    trainer.unwrapped.zero_grad(set_to_none=True)
+    trainer.student.zero_grad(set_to_none=True)
     losses["loss_discriminator"].backward()  # the discriminator step
     assert all(p.grad is None for p in student_parameters)
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in discriminator.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def _state(trainer: UDATrainer) -> dict[str, torch.Tensor]:
-    state = {f"student.{k}": v for k, v in trainer.unwrapped.state_dict().items()}
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in trainer.student.state_dict().items()}
     state.update({f"discriminator.{k}": v for k, v in _discriminator_state(trainer).items()})
-    adam = trainer.discriminator_optimizer.optimizer.state_dict()
+    adam = stage_named(trainer, "warmup").optimizer.optimizer.state_dict()
     for index, moments in adam["state"].items():
         state.update({f"discriminator_adam.{index}.{k}": v for k, v in moments.items()})
-    state["discriminator_lr"] = torch.tensor(trainer.discriminator_optimizer.optimizer.param_groups[0]["lr"])
+    state["discriminator_lr"] = torch.tensor(
+        stage_named(trainer, "warmup").optimizer.optimizer.param_groups[0]["lr"]
+    )
     return state
 
 
@@ -190,21 +192,22 @@ DRIVER = textwrap.dedent(
     import sys
     import torch
     from cpsl_hf.training.arguments import parse_args
-    from cpsl_hf.training.trainer import UDATrainer
+    from cpsl_hf.training.loop import Trainer
 
-    class Trainer(UDATrainer):
+    class Recorded(Trainer):
         def setup(self):
             super().setup()
-            plain = self.accelerator.unwrap_model(self.discriminator)
+            plain = self.accelerator.unwrap_model(self.stages[0].discriminator)
             self.initial = {k: v.clone() for k, v in plain.state_dict().items()}
 
-    trainer = Trainer(parse_args(sys.argv[2:]))
+    trainer = Recorded(parse_args(sys.argv[2:]))
     trainer.train()
+    discriminator = trainer.stages[0].discriminator
     state = {
-        "student": trainer.unwrapped.state_dict(),
-        "discriminator": trainer.accelerator.unwrap_model(trainer.discriminator).state_dict(),
+        "student": trainer.student.state_dict(),
+        "discriminator": trainer.accelerator.unwrap_model(discriminator).state_dict(),
         "initial_discriminator": trainer.initial,
-        "wrapper": type(trainer.discriminator).__name__,
+        "wrapper": type(discriminator).__name__,
         "world": trainer.accelerator.num_processes,
     }
     torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")

@@ -9,7 +9,7 @@ from cpsl_hf.training.arguments import (
     parse_args,
     validate_against_datasets,
 )
-from cpsl_hf.training.trainer import stage_lr_factor
+from cpsl_hf.training.loop import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -134,13 +134,16 @@ def test_dataset_checks_name_the_argument():
 
 
 def test_learning_rate_schedule_restarts_per_stage():
-    schedule = dict(warmup_steps=10, cpsl_steps=20, lr_warmup_steps=2, power=1.0, cpsl_lr_scale=0.5)
-    assert stage_lr_factor(0, **schedule) == pytest.approx(0.5)  # linear warm-up (1/2)
-    assert stage_lr_factor(1, **schedule) == pytest.approx(1.0 * (1 - 1 / 10))
-    assert stage_lr_factor(5, **schedule) == pytest.approx(0.5)
-    assert stage_lr_factor(10, **schedule) == pytest.approx(0.5 * 0.5)  # CPSL stage restarts, scaled, ramping
-    assert stage_lr_factor(20, **schedule) == pytest.approx(0.5 * (1 - 10 / 20))
-    assert stage_lr_factor(30, **schedule) == 0.0
+    stage_lr_factor = Trainer(
+        parse_args(["--warmup_steps", "10", "--cpsl_steps", "20", "--lr_warmup_steps", "2", "--poly_power", "1",
+                    "--cpsl_lr_scale", "0.5"])
+    ).lr_factor  # fmt: skip
+    assert stage_lr_factor(0) == pytest.approx(0.5)  # linear warm-up (1/2)
+    assert stage_lr_factor(1) == pytest.approx(1.0 * (1 - 1 / 10))
+    assert stage_lr_factor(5) == pytest.approx(0.5)
+    assert stage_lr_factor(10) == pytest.approx(0.5 * 0.5)  # CPSL stage restarts, scaled, ramping
+    assert stage_lr_factor(20) == pytest.approx(0.5 * (1 - 10 / 20))
+    assert stage_lr_factor(30) == 0.0
 
 
 def test_help_lists_every_argument():

@@ -8,19 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from training_helpers import run, run_two_processes
+from training_helpers import adaptation, current_round, distill_round, run, run_two_processes
 from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
+from cpsl_hf.training.building import build_model
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
-from cpsl_hf.training.trainer import (
-    UDATrainer,
-    build_model,
-    flip_averaged_probabilities,
-    hard_pseudo_labels,
-    stage_lr_factor,
-    training_stages,
-)
+from cpsl_hf.training.loop import Trainer
+from cpsl_hf.training.pseudo_labels import flip_averaged_probabilities, hard_pseudo_labels
+from cpsl_hf.training.stages import build_stages
 
 
 def tiny_argv(output_dir, cache, *extra):
@@ -58,7 +54,7 @@ def test_two_rounds_export_the_last_student(tmp_path, synthetic_cache, capsys):
             "--distill_threshold", "0.0", "--save_predictions", "1",
         )
     )  # fmt: skip
-    assert trainer.step == 8 and trainer.distill_round == 2
+    assert trainer.step == 8 and distill_round(trainer) == 2
 
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
@@ -84,11 +80,12 @@ def test_two_rounds_export_the_last_student(tmp_path, synthetic_cache, capsys):
     assert "2 x 2 distillation" in card and "distill2 (student)" in card
 
     model = AutoModel.from_pretrained(out)
-    _assert_equal_states(model.state_dict(), trainer.unwrapped.state_dict(), "exported vs last student")
+    _assert_equal_states(model.state_dict(), trainer.student.state_dict(), "exported vs last student")
     # The last round's student is not its frozen labeller (round 1's final student).
-    assert _differs(trainer.unwrapped.state_dict(), trainer.previous_model.state_dict())
-    assert not any(p.requires_grad for p in trainer.previous_model.parameters())
-    assert not trainer.previous_model.training
+    previous_model = current_round(trainer).previous_model
+    assert _differs(trainer.student.state_dict(), previous_model.state_dict())
+    assert not any(p.requires_grad for p in previous_model.parameters())
+    assert not previous_model.training
 
 
 # ------------------------------------------------------------------------------------------------ hard labels
@@ -150,22 +147,24 @@ def test_flip_average_of_a_real_network():
 
 
 # ------------------------------------------------------------------------------------------------ round starts
-class RecordingTrainer(UDATrainer):
+class RecordingTrainer(Trainer):
     """Records the networks just before and just after each round's start."""
 
-    def start_distill_round(self, round_index: int) -> None:
+    def start_stage(self, stage) -> None:
+        if not stage.name.startswith("distill"):
+            return super().start_stage(stage)
         before = {
-            "student": _copy(self.unwrapped.state_dict()),
-            "teacher": _copy(self.teacher.module.state_dict()),
+            "student": _copy(self.student.state_dict()),
+            "teacher": _copy(adaptation(self).teacher.module.state_dict()),
         }
-        super().start_distill_round(round_index)
+        super().start_stage(stage)
         after = {
-            "student": _copy(self.unwrapped.state_dict()),
-            "previous": _copy(self.previous_model.state_dict()),
+            "student": _copy(self.student.state_dict()),
+            "previous": _copy(stage.previous_model.state_dict()),
             "optimizer_state": len(self.optimizer.optimizer.state),
         }
         self.recorded = getattr(self, "recorded", {})
-        self.recorded[round_index] = (before, after)
+        self.recorded[stage.round_index] = (before, after)
 
 
 def test_pretrained_init_restarts_from_the_initial_weights(tmp_path, synthetic_cache):
@@ -203,13 +202,14 @@ def test_previous_init_copies_the_exported_teacher(tmp_path, synthetic_cache):
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def _state(trainer: UDATrainer) -> dict[str, torch.Tensor]:
-    state = {f"student.{k}": v for k, v in trainer.unwrapped.state_dict().items()}
-    state.update({f"previous.{k}": v for k, v in trainer.previous_model.state_dict().items()})
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in trainer.student.state_dict().items()}
+    state.update({f"previous.{k}": v for k, v in current_round(trainer).previous_model.state_dict().items()})
+    cpsl = adaptation(trainer)
     state.update(
-        {f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items() if isinstance(v, torch.Tensor)}
+        {f"teacher.{k}": v for k, v in cpsl.teacher.state_dict().items() if isinstance(v, torch.Tensor)}
     )
-    state.update({f"selflabel.{k}": v for k, v in trainer.self_labeling.state_dict().items()})
+    state.update({f"selflabel.{k}": v for k, v in cpsl.self_labeling.state_dict().items()})
     return state
 
 
@@ -223,13 +223,13 @@ def test_resume_inside_and_at_the_end_of_a_round_equals_a_straight_run(tmp_path,
 
     resumed_dir = tmp_path / "resumed"
     first = run(tiny_argv(resumed_dir, synthetic_cache, *common, "--stop_at_step", "6"))
-    assert (first.step, first.distill_round) == (6, 1)  # 2 of round 1's 3 steps done
+    assert (first.step, distill_round(first)) == (6, 1)  # 2 of round 1's 3 steps done
     assert find_latest_checkpoint(resumed_dir).name == "checkpoint-6"
     resume = ("--resume_from_checkpoint", "latest")
     second = run(tiny_argv(resumed_dir, synthetic_cache, *common, *resume, "--stop_at_step", "7"))
-    assert (second.step, second.distill_round) == (7, 1)  # stopped exactly at the end of round 1
+    assert (second.step, distill_round(second)) == (7, 1)  # stopped exactly at the end of round 1
     last = run(tiny_argv(resumed_dir, synthetic_cache, *common, *resume))
-    assert (last.step, last.distill_round) == (10, 2)
+    assert (last.step, distill_round(last)) == (10, 2)
 
     expected = _state(straight)
     _assert_equal_states(_state(last), expected, "resumed vs straight")
@@ -243,15 +243,16 @@ DRIVER = textwrap.dedent(
     import sys
     import torch
     from cpsl_hf.training.arguments import parse_args
-    from cpsl_hf.training.trainer import UDATrainer
+    from cpsl_hf.training.loop import Trainer
 
-    trainer = UDATrainer(parse_args(sys.argv[2:]))
+    trainer = Trainer(parse_args(sys.argv[2:]))
     trainer.train()
+    previous_model = trainer.stages[-1].previous_model
     state = {
-        "student": trainer.unwrapped.state_dict(),
-        "previous": trainer.previous_model.state_dict(),
+        "student": trainer.student.state_dict(),
+        "previous": previous_model.state_dict(),
         "world": trainer.accelerator.num_processes,
-        "previous_is_plain": type(trainer.previous_model).__name__,
+        "previous_is_plain": type(previous_model).__name__,
     }
     torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")
     """
@@ -284,9 +285,11 @@ def test_every_round_is_a_stage_that_restarts_the_schedule():
     args = parse_args(
         ["--warmup_steps", "10", "--cpsl_steps", "20", "--distill_rounds", "2", "--distill_steps", "5"]
     )
-    assert training_stages(args.training) == [("warmup", 10), ("cpsl", 20), ("distill1", 5), ("distill2", 5)]
-    trainer = UDATrainer(args)
-    stages = [trainer.stage_at(step) for step in (0, 9, 10, 29, 30, 34, 35, 39, 40)]
+    trainer = Trainer(args)
+    assert [(stage.name, stage.steps) for stage in trainer.stages] == [
+        ("warmup", 10), ("cpsl", 20), ("distill1", 5), ("distill2", 5)
+    ]  # fmt: skip
+    stages = [trainer.stage_at(step).name for step in (0, 9, 10, 29, 30, 34, 35, 39, 40)]
     assert stages == [
         "warmup",
         "warmup",
@@ -299,20 +302,21 @@ def test_every_round_is_a_stage_that_restarts_the_schedule():
         "distill2",
     ]
 
-    schedule = dict(
-        warmup_steps=10, cpsl_steps=20, lr_warmup_steps=2, power=1.0, cpsl_lr_scale=0.5,
-        distill_steps=5, distill_rounds=2, distill_lr_scale=3.0,
-    )  # fmt: skip
-    assert stage_lr_factor(29, **schedule) == pytest.approx(0.5 * (1 - 19 / 20))
-    assert stage_lr_factor(30, **schedule) == pytest.approx(3.0 * 0.5)  # round 1: warm-up ramp restarts
-    assert stage_lr_factor(33, **schedule) == pytest.approx(3.0 * (1 - 3 / 5))
-    assert stage_lr_factor(35, **schedule) == pytest.approx(3.0 * 0.5)  # round 2 restarts again
-    assert stage_lr_factor(36, **schedule) == pytest.approx(3.0 * (1 - 1 / 5))
-    assert stage_lr_factor(40, **schedule) == 0.0
+    flags = [
+        "--warmup_steps", "10", "--cpsl_steps", "20", "--lr_warmup_steps", "2", "--poly_power", "1",
+        "--cpsl_lr_scale", "0.5", "--distill_steps", "5", "--distill_rounds", "2", "--distill_lr_scale", "3",
+    ]  # fmt: skip
+    stage_lr_factor = Trainer(parse_args(flags)).lr_factor
+    assert stage_lr_factor(29) == pytest.approx(0.5 * (1 - 19 / 20))
+    assert stage_lr_factor(30) == pytest.approx(3.0 * 0.5)  # round 1: warm-up ramp restarts
+    assert stage_lr_factor(33) == pytest.approx(3.0 * (1 - 3 / 5))
+    assert stage_lr_factor(35) == pytest.approx(3.0 * 0.5)  # round 2 restarts again
+    assert stage_lr_factor(36) == pytest.approx(3.0 * (1 - 1 / 5))
+    assert stage_lr_factor(40) == 0.0
     # Without rounds the schedule is the two-stage one.
-    two_stages = dict(schedule, distill_rounds=0)
-    assert stage_lr_factor(30, **two_stages) == 0.0
-    assert stage_lr_factor(12, **two_stages) == pytest.approx(0.5 * (1 - 2 / 20))
+    two_stages = Trainer(parse_args([*flags, "--distill_rounds", "0"])).lr_factor
+    assert two_stages(30) == 0.0
+    assert two_stages(12) == pytest.approx(0.5 * (1 - 2 / 20))
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -343,7 +347,7 @@ def test_distillation_settings_from_a_recipe(tmp_path):
     assert (args.training.distill_rounds, args.training.distill_source_loss) == (2, False)
     # Distillation alone (e.g. from a finished CPSL checkpoint) is a run with something to train.
     args = parse_args(["--warmup_steps", "0", "--cpsl_steps", "0", "--distill_rounds", "1"])
-    assert [name for name, _ in training_stages(args.training)] == ["warmup", "cpsl", "distill1"]
+    assert [stage.name for stage in build_stages(args)] == ["warmup", "cpsl", "distill1"]
     defaults = parse_args([]).training
     assert (defaults.distill_rounds, defaults.distill_threshold, defaults.distill_init) == (
         0,

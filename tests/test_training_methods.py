@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from training_helpers import (
+    adaptation,
     batches,
+    cpsl_losses,
     independent_model,
     nearest,
     perturb_,
@@ -23,7 +25,9 @@ from training_helpers import (
 from cpsl_hf.data.transforms import normalize, warp_to_view
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 from cpsl_hf.training.diagnostics import PseudoLabelMonitor, PseudoLabelRecord, confusion_summary
-from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer
+from cpsl_hf.training.loop import Trainer
+from cpsl_hf.training.pseudo_labels import OfflinePseudoLabels
+from cpsl_hf.training.views import labels_to_strong_view
 
 IGNORE = 255
 
@@ -43,14 +47,14 @@ def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(
         "--pseudo_label_threshold", "0.5", "--pseudo_label_resolution", resolution,
     )  # fmt: skip
     assert trainer.args.cpsl.pseudo_label_threshold == 0.5
-    assert trainer.self_labeling is None  # no self-labeling core at all
-    warmup = {name: value.clone() for name, value in trainer.unwrapped.state_dict().items()}
+    assert adaptation(trainer).self_labeling is None  # no self-labeling core at all
+    warmup = {name: value.clone() for name, value in trainer.student.state_dict().items()}
     source, target, _ = batches(trainer)
     # The threshold that drops about half of this (barely warmed-up) model's pixels, or none.
-    state = trainer.generator.get_state()
-    trainer._source_view(source)  # the step draws the source crop first
-    weak, _ = trainer.target_views(target)
-    trainer.generator.set_state(state)
+    state = trainer.views.generator.get_state()
+    trainer.views.source(source)  # the step draws the source crop first
+    weak, _ = trainer.views.target(target)
+    trainer.views.generator.set_state(state)
     confidence = probabilities(independent_model(trainer, warmup), weak.images).max(dim=1).values
     threshold = 0.0 if quantile is None else float(confidence.quantile(quantile))
     trainer.args.cpsl.pseudo_label_threshold = threshold
@@ -77,7 +81,7 @@ def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(
     assert cutout.any()
     labels_strong[cutout] = IGNORE  # --cutout_labels ignore (the default): the student does not see them
     with torch.no_grad():
-        logits = trainer.unwrapped(normalize(torch.cat([source_view.images, strong.images]))).logits
+        logits = trainer.student(normalize(torch.cat([source_view.images, strong.images]))).logits
     target_logits = F.interpolate(
         logits[source_view.images.shape[0] :], size=tuple(size), mode="bilinear", align_corners=False
     )
@@ -91,8 +95,11 @@ def test_cutout_labels_keep_trains_on_the_labels_inside_the_box(tmp_path, synthe
         trainer = prepared(tmp_path / mode, synthetic_cache, "--cutout_labels", mode)
         source, target, _ = batches(trainer)
         _, _, (_, weak, strong) = step_and_views(trainer, source, target)
-        labels = trainer._labels_on_strong_view(
-            torch.zeros(weak.images.shape[0], 8, 8, dtype=torch.long), strong, (8, 8)
+        labels = labels_to_strong_view(
+            torch.zeros(weak.images.shape[0], 8, 8, dtype=torch.long),
+            strong,
+            (8, 8),
+            ignore_cutout=adaptation(trainer).ignore_cutout,
         )
         cutout = F.interpolate(strong.cutout_mask[:, None].float(), size=(8, 8), mode="nearest")[:, 0] > 0.5
         inside_view = (
@@ -104,7 +111,7 @@ def test_cutout_labels_keep_trains_on_the_labels_inside_the_box(tmp_path, synthe
         else:
             assert bool((labels[cutout & inside_view] == 0).all())
         assert bool((labels[~cutout & inside_view] == 0).all())
-        losses[mode] = trainer.cpsl_losses(source, target)[0]["loss_target"]
+        losses[mode] = cpsl_losses(trainer, source, target)[0]["loss_target"]
     assert float(losses["ignore"]) != pytest.approx(float(losses["keep"]))
 
 
@@ -112,14 +119,14 @@ def test_cutout_labels_keep_trains_on_the_labels_inside_the_box(tmp_path, synthe
 def test_teacher_mode_sets_the_teachers_forward_and_restores_eval(tmp_path, synthetic_cache, mode):
     trainer = prepared(tmp_path / "run", synthetic_cache, "--teacher_mode", mode)
     seen = []
-    hook = trainer.teacher.module.decode_head.register_forward_pre_hook(
+    hook = adaptation(trainer).teacher.module.decode_head.register_forward_pre_hook(
         lambda module, _: seen.append(module.training)
     )
     source, target, _ = batches(trainer)
-    trainer.cpsl_losses(source, target)
+    cpsl_losses(trainer, source, target)
     hook.remove()
     assert seen == [mode == "train"]
-    assert not trainer.teacher.module.training  # eval again afterwards (evaluation, checkpoints)
+    assert not adaptation(trainer).teacher.module.training  # eval again afterwards (evaluation, checkpoints)
 
 
 def test_mean_teacher_refuses_the_self_labeling_options(tmp_path, synthetic_cache):
@@ -136,9 +143,9 @@ def test_mean_teacher_refuses_the_self_labeling_options(tmp_path, synthetic_cach
 @pytest.mark.parametrize("source_name", ["frozen", "teacher", "offline"])
 def test_each_pseudo_label_source_gives_its_own_p_st(tmp_path, synthetic_cache, source_name):
     trainer = prepared(tmp_path / "run", synthetic_cache, "--pseudo_labels", source_name)
-    warmup = {name: value.clone() for name, value in trainer.unwrapped.state_dict().items()}
-    perturb_(trainer.teacher.module, seed=1)  # the teacher has moved away from the warm-up model
-    teacher = {name: value.clone() for name, value in trainer.teacher.module.state_dict().items()}
+    warmup = {name: value.clone() for name, value in trainer.student.state_dict().items()}
+    perturb_(adaptation(trainer).teacher.module, seed=1)  # the teacher has moved away from the warm-up model
+    teacher = {name: value.clone() for name, value in adaptation(trainer).teacher.module.state_dict().items()}
     source, target, _ = batches(trainer)
     _, record, (_, weak, _) = step_and_views(trainer, source, target)
 
@@ -148,7 +155,7 @@ def test_each_pseudo_label_source_gives_its_own_p_st(tmp_path, synthetic_cache, 
         model = independent_model(trainer, warmup)
         if source_name == "frozen":
             p_st = probabilities(model, weak.images)
-            assert trainer.pseudo_label_model is not None
+            assert adaptation(trainer).pseudo_label_model is not None
         else:
             full = probabilities(model, target["pixel_values"].float() / 255)
             decode = tuple(probabilities(model, weak.images).shape[-2:])  # stored maps are warped there
@@ -176,14 +183,14 @@ def test_each_pseudo_label_source_gives_its_own_p_st(tmp_path, synthetic_cache, 
 
 def test_cpsl_labels_at_the_crop_are_the_rectified_product_of_the_upsampled_maps(tmp_path, synthetic_cache):
     trainer = prepared(tmp_path / "run", synthetic_cache)  # defaults: frozen P_ST, labels at the crop
-    warmup = {name: value.clone() for name, value in trainer.unwrapped.state_dict().items()}
-    perturb_(trainer.teacher.module, seed=5)
+    warmup = {name: value.clone() for name, value in trainer.student.state_dict().items()}
+    perturb_(adaptation(trainer).teacher.module, seed=5)
     source, target, _ = batches(trainer)
     _, record, (_, weak, _) = step_and_views(trainer, source, target)
     crop = tuple(weak.images.shape[-2:])
     with torch.no_grad():
-        z, _ = trainer.teacher.module.encode(normalize(weak.images))
-        w_prime = F.normalize(trainer.teacher.module.self_labeling_head.prototypes, dim=1)
+        z, _ = adaptation(trainer).teacher.module.encode(normalize(weak.images))
+        w_prime = F.normalize(adaptation(trainer).teacher.module.self_labeling_head.prototypes, dim=1)
         p_sl = (torch.einsum("ndhw,cd->nchw", F.normalize(z, dim=1), w_prime) / 0.08).softmax(1)
     p_st = probabilities(independent_model(trainer, warmup), weak.images)
 
@@ -218,24 +225,24 @@ def test_offline_p_st_is_stored_in_float16_and_keeps_small_probabilities():
 def test_reference_consistency_is_the_sl_head_kl_to_w_prime_and_never_trains_w(tmp_path, synthetic_cache):
     common = ("--consistency", "reference", "--lambda_sl", "0")
     trainer = prepared(tmp_path / "run", synthetic_cache, *common)
-    perturb_(trainer.teacher.module, seed=2)  # W' != W and teacher != student
-    student_w = trainer.unwrapped.self_labeling_head.prototypes
+    perturb_(adaptation(trainer).teacher.module, seed=2)  # W' != W and teacher != student
+    student_w = trainer.student.self_labeling_head.prototypes
     with torch.no_grad():
         student_w.add_(0.3 * torch.randn(student_w.shape, generator=torch.Generator().manual_seed(3)))
-    w_prime = trainer.teacher.module.self_labeling_head.prototypes
-    tau = trainer.unwrapped.config.sl_temperature
+    w_prime = adaptation(trainer).teacher.module.self_labeling_head.prototypes
+    tau = trainer.student.config.sl_temperature
     source, target, _ = batches(trainer)
     losses, _, (source_view, weak, strong) = step_and_views(trainer, source, target)
 
     with torch.no_grad():
-        z_teacher, _ = trainer.teacher.module.encode(normalize(weak.images))
+        z_teacher, _ = adaptation(trainer).teacher.module.encode(normalize(weak.images))
         size = tuple(z_teacher.shape[-2:])
         scores_w = (
             torch.einsum("ndhw,cd->nchw", F.normalize(z_teacher, dim=1), F.normalize(w_prime, dim=1)) / tau
         )
         weak_valid = F.interpolate(weak.valid_mask[:, None].float(), size=size, mode="nearest")[:, 0]
         warped, inside = warp_to_view(torch.cat([scores_w, weak_valid[:, None]], 1), strong.params, size)
-        out = trainer.unwrapped(
+        out = trainer.student(
             normalize(torch.cat([source_view.images, strong.images])), output_embeddings=True
         )
         z_student = out.embeddings[source_view.images.shape[0] :]
@@ -253,11 +260,11 @@ def test_reference_consistency_is_the_sl_head_kl_to_w_prime_and_never_trains_w(t
     torch.testing.assert_close(losses["loss_reg"], kl[mask].mean(), rtol=1e-4, atol=1e-6)
 
     # Its gradient reaches the student's features but never W (lambda_sl = 0: L_SL is off).
-    trainer.unwrapped.zero_grad(set_to_none=True)
-    losses, _ = trainer.cpsl_losses(source, target)
+    trainer.student.zero_grad(set_to_none=True)
+    losses, _ = cpsl_losses(trainer, source, target)
     losses["loss"].backward()
     assert student_w.grad is None or not student_w.grad.any()
-    assert trainer.unwrapped.decode_head.linear_fuse.weight.grad.abs().sum() > 0
+    assert trainer.student.decode_head.linear_fuse.weight.grad.abs().sum() > 0
     assert not w_prime.requires_grad and w_prime.grad is None
 
 
@@ -265,9 +272,9 @@ def test_consistency_options_change_the_loss(tmp_path, synthetic_cache):
     values = {}
     for mode in ("reference", "symmetric", "none"):
         trainer = prepared(tmp_path / mode, synthetic_cache, "--consistency", mode)
-        perturb_(trainer.teacher.module, seed=4)
+        perturb_(adaptation(trainer).teacher.module, seed=4)
         source, target, _ = batches(trainer)
-        losses, _ = trainer.cpsl_losses(source, target)
+        losses, _ = cpsl_losses(trainer, source, target)
         values[mode] = losses
     assert "loss_reg" not in values["none"]
     assert float(values["reference"]["loss_reg"]) != pytest.approx(float(values["symmetric"]["loss_reg"]))
@@ -283,13 +290,13 @@ def test_consistency_options_change_the_loss(tmp_path, synthetic_cache):
 # ---------------------------------------------------------------------------------------------- W's optimiser
 def _prototype_update(tmp_path, cache, *flags):
     trainer = prepared(tmp_path, cache, "--consistency", "none", *flags)
-    w = trainer.unwrapped.self_labeling_head.prototypes
+    w = trainer.student.self_labeling_head.prototypes
     before = w.detach().clone()
     source, target, _ = batches(trainer)
-    losses, _ = trainer.cpsl_losses(source, target)
+    losses, _ = cpsl_losses(trainer, source, target)
     losses["loss"].backward()
     grad = w.grad.detach().clone()
-    for optimizer in trainer._optimizers():
+    for optimizer in trainer.optimizers():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return w.detach() - before, grad, trainer
@@ -365,11 +372,11 @@ def test_pseudo_label_monitor_against_an_independent_confusion(kinds):
     assert confusion_summary(torch.zeros(3, 3))["mean_iou"] is None
 
 
-class CorruptedTruth(UDATrainer):
+class CorruptedTruth(Trainer):
     """The target's ground truth replaced by other labels: nothing but the diagnostics may change."""
 
-    def _next_batch(self, loader):
-        batch = super()._next_batch(loader)
+    def next_batch(self, loader):
+        batch = super().next_batch(loader)
         if loader is self.target_loader:
             batch["labels"] = (batch["labels"] * 7 + 3) % self.num_classes
         return batch
@@ -382,13 +389,13 @@ def test_the_target_ground_truth_never_reaches_a_loss(tmp_path, synthetic_cache)
         "corrupted": run(tiny_argv(tmp_path / "corrupted", synthetic_cache, *common), CorruptedTruth),
         "off": run(tiny_argv(tmp_path / "off", synthetic_cache, *common, "--no_pseudo_label_diagnostics")),
     }
-    reference = runs["true"].unwrapped.state_dict()
+    reference = runs["true"].student.state_dict()
     for name in ("corrupted", "off"):
-        for key, tensor in runs[name].unwrapped.state_dict().items():
+        for key, tensor in runs[name].student.state_dict().items():
             torch.testing.assert_close(tensor, reference[key], rtol=0, atol=0, msg=f"{name}: {key}")
         torch.testing.assert_close(
-            runs[name].self_labeling.bank.embeddings,
-            runs["true"].self_labeling.bank.embeddings,
+            adaptation(runs[name]).self_labeling.bank.embeddings,
+            adaptation(runs["true"]).self_labeling.bank.embeddings,
             rtol=0,
             atol=0,
         )

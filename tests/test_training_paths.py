@@ -12,7 +12,7 @@ import pytest
 import torch
 from hub_server import LocalHub
 from huggingface_hub import ModelCard
-from training_helpers import run, run_two_processes
+from training_helpers import adaptation, run, run_two_processes
 from training_helpers import tiny_argv as shared_tiny_argv
 
 from cpsl_hf.data.synthetic import load_synthetic
@@ -20,7 +20,11 @@ from cpsl_hf.data.transforms import normalize, to_float
 from cpsl_hf.hub import HubError
 from cpsl_hf.selflabel import SelfLabeling
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
-from cpsl_hf.training.trainer import OfflinePseudoLabels, UDATrainer, _cross_entropy_at, build_model
+from cpsl_hf.training.building import build_model
+from cpsl_hf.training.loop import Trainer
+from cpsl_hf.training.pseudo_labels import OfflinePseudoLabels
+from cpsl_hf.training.stages import CPSLStage
+from cpsl_hf.training.views import cross_entropy_at
 
 TOKEN = "hf_test_token"
 IMAGE_SIZE = (32, 64)
@@ -78,13 +82,13 @@ def _files(folder: Path) -> set[str]:
     return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
 
 
-def _assert_local_export_complete(trainer: UDATrainer, folder: Path) -> None:
+def _assert_local_export_complete(trainer: Trainer, folder: Path) -> None:
     """The exported model equals the trainer's student; metrics, card and prediction strips are written."""
     from transformers import AutoModel
 
     assert MODEL_FILES | {"metrics.json", "README.md"} <= _files(folder)
     saved = AutoModel.from_pretrained(folder).state_dict()
-    live = trainer.unwrapped.state_dict()
+    live = trainer.student.state_dict()
     assert saved.keys() == live.keys()
     for name, tensor in saved.items():
         torch.testing.assert_close(tensor, live[name], rtol=0, atol=0, msg=name)
@@ -187,7 +191,7 @@ def test_failed_push_ends_the_run_after_the_local_export(
                 closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
             _online(monkeypatch, tmp_path, closed)
             expected = f"cannot reach the Hugging Face Hub at {closed}"
-        trainer = UDATrainer(parse_args(argv))
+        trainer = Trainer(parse_args(argv))
         with pytest.raises(HubError, match=expected) as raised:
             trainer.train()
     assert trainer.step == 1
@@ -210,22 +214,27 @@ DRIVER = textwrap.dedent(
     import sys
     import torch
     from cpsl_hf.training.arguments import parse_args
-    from cpsl_hf.training.trainer import UDATrainer
+    from cpsl_hf.training.loop import Trainer
+
+    def adaptation(run):
+        return next(stage for stage in run.stages if stage.name == "cpsl")
 
     out = sys.argv[1]
 
 
-    class Recorded(UDATrainer):
-        def initialize_cpsl(self):
+    class Recorded(Trainer):
+        def start_stage(self, stage):
+            if stage.name != "cpsl":
+                return super().start_stage(stage)
             rank = self.accelerator.process_index
-            warmup = {name: tensor.clone() for name, tensor in self.unwrapped.state_dict().items()}
-            super().initialize_cpsl()
+            warmup = {name: tensor.clone() for name, tensor in self.student.state_dict().items()}
+            super().start_stage(stage)
             torch.save(
                 {
                     "warmup": warmup,
-                    "offline": self.offline_labels.state_dict(),
-                    "prototypes": self.unwrapped.self_labeling_head.prototypes.detach().clone(),
-                    "prior": self.self_labeling.state_dict(),
+                    "offline": stage.offline_labels.state_dict(),
+                    "prototypes": self.student.self_labeling_head.prototypes.detach().clone(),
+                    "prior": stage.self_labeling.state_dict(),
                 },
                 f"{out}/init_rank{rank}.pt",
             )
@@ -234,10 +243,10 @@ DRIVER = textwrap.dedent(
     trainer = Recorded(parse_args(sys.argv[2:]))
     trainer.train()
     final = {
-        "student": trainer.unwrapped.state_dict(),
-        "teacher": trainer.teacher.module.state_dict(),
-        "selflabel": trainer.self_labeling.state_dict(),
-        "offline": trainer.offline_labels.state_dict(),
+        "student": trainer.student.state_dict(),
+        "teacher": adaptation(trainer).teacher.module.state_dict(),
+        "selflabel": adaptation(trainer).self_labeling.state_dict(),
+        "offline": adaptation(trainer).offline_labels.state_dict(),
         "world": trainer.accelerator.num_processes,
     }
     torch.save(final, f"{out}/final_rank{trainer.accelerator.process_index}.pt")
@@ -297,15 +306,15 @@ def test_offline_pseudo_labels_two_processes_equal_one(two_process_offline_run):
         torch.testing.assert_close(init[1]["warmup"][name], tensor, rtol=0, atol=0, msg=name)
     single_argv = list(argv)
     single_argv[argv.index("--output_dir") + 1] = str(folder / "single")
-    single = UDATrainer(parse_args(single_argv))
+    single = Trainer(parse_args(single_argv))
     single.setup()
-    single.unwrapped.load_state_dict(init[0]["warmup"])
-    single.initialize_cpsl()
-    assert sorted(single.offline_labels.index) == sorted(names)
+    single.student.load_state_dict(init[0]["warmup"])
+    adaptation(single).start(single.stages[0])
+    assert sorted(adaptation(single).offline_labels.index) == sorted(names)
     for name in names:
         assert torch.equal(
             stored.probabilities[stored.index[name]],
-            single.offline_labels.probabilities[single.offline_labels.index[name]],
+            adaptation(single).offline_labels.probabilities[adaptation(single).offline_labels.index[name]],
         ), name
     # ... and both equal the warm-up model's softmax computed here image by image (float16).
     model = build_model(single.args)
@@ -319,11 +328,11 @@ def test_offline_pseudo_labels_two_processes_equal_one(two_process_offline_run):
         assert torch.equal(stored.probabilities[stored.index[sample["name"]]], expected), sample["name"]
     # The prior (a histogram of integer counts) is exact; the prototypes (all-reduced class means) agree up to
     # the order of the sums.
-    prior = single.self_labeling.prior.distribution
+    prior = adaptation(single).self_labeling.prior.distribution
     for rank in (0, 1):
         torch.testing.assert_close(init[rank]["prior"]["prior.distribution"], prior, rtol=0, atol=0)
         torch.testing.assert_close(
-            init[rank]["prototypes"], single.unwrapped.self_labeling_head.prototypes, rtol=1e-5, atol=1e-6
+            init[rank]["prototypes"], single.student.self_labeling_head.prototypes, rtol=1e-5, atol=1e-6
         )
 
     # The run completes with identical networks, self-labeling state and stored maps on both ranks.
@@ -404,11 +413,17 @@ class _NothingLabelled(SelfLabeling):
         return result
 
 
-class _NothingLabelledTrainer(UDATrainer):
+class _NothingLabelledStage(CPSLStage):
     def build_self_labeling(self):
         built = super().build_self_labeling()
         built.__class__ = _NothingLabelled
         return built
+
+
+class _NothingLabelledTrainer(Trainer):
+    def __init__(self, args):
+        super().__init__(args)
+        adaptation(self).__class__ = _NothingLabelledStage
 
 
 def test_a_batch_without_any_labelled_target_pixel_trains_on_the_rest(tmp_path, synthetic_cache):
@@ -417,19 +432,19 @@ def test_a_batch_without_any_labelled_target_pixel_trains_on_the_rest(tmp_path, 
     trainer = run(
         tiny_argv(tmp_path / "run", synthetic_cache, "--save_predictions", "0"), _NothingLabelledTrainer
     )
-    assert isinstance(trainer.self_labeling, _NothingLabelled)
-    for network in (trainer.unwrapped, trainer.teacher.module):
+    assert isinstance(adaptation(trainer).self_labeling, _NothingLabelled)
+    for network in (trainer.student, adaptation(trainer).teacher.module):
         for name, parameter in network.named_parameters():
             assert torch.isfinite(parameter).all(), name
     # Same for the source term: a crop whose labels are all ignored.
     logits = torch.randn(2, 19, 4, 4, requires_grad=True)
-    loss = _cross_entropy_at(logits, torch.full((2, 8, 8), 255))
+    loss = cross_entropy_at(logits, torch.full((2, 8, 8), 255))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
     labels = torch.randint(0, 19, (2, 4, 4))
     labels[0] = 255
     expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)
-    torch.testing.assert_close(_cross_entropy_at(logits, labels), expected)
+    torch.testing.assert_close(cross_entropy_at(logits, labels), expected)
 
 
 @pytest.fixture
@@ -456,10 +471,10 @@ def test_bf16_autocast_run_keeps_float32_weights_and_finite_losses(
         )
     )  # fmt: skip
     assert trainer.accelerator.mixed_precision == "bf16"
-    for network in (trainer.unwrapped, trainer.teacher.module):
+    for network in (trainer.student, adaptation(trainer).teacher.module):
         for name, parameter in network.named_parameters():
             assert parameter.dtype == torch.float32 and torch.isfinite(parameter).all(), name
-    for name, state in trainer.self_labeling.state_dict().items():
+    for name, state in adaptation(trainer).self_labeling.state_dict().items():
         if state.is_floating_point():
             assert state.dtype == torch.float32 and torch.isfinite(state).all(), name
     assert set(trainer.history) == {"warmup", "cpsl", "distill1"}

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import run, run_two_processes, tiny_argv
+from training_helpers import adaptation, run, run_two_processes, tiny_argv
 
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
-from cpsl_hf.training.trainer import UDATrainer
+from cpsl_hf.training.loop import Trainer
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -46,13 +46,13 @@ def test_every_stage_runs_and_exports_a_loadable_model(tmp_path, synthetic_cache
     assert f"predictions/{exported_strips[0].name}" in card
 
     model = AutoModel.from_pretrained(tmp_path / "run")
-    exported = trainer.unwrapped.state_dict()
+    exported = trainer.student.state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
     # The CPSL stage ran the self-labeling core: the bank is full of teacher embeddings, W was initialised.
-    assert bool(trainer.self_labeling.bank.valid.all())
+    assert bool(adaptation(trainer).self_labeling.bank.valid.all())
     prototypes = model.self_labeling_head.prototypes
-    assert not torch.equal(prototypes, trainer.teacher.module.self_labeling_head.prototypes.cpu())
+    assert not torch.equal(prototypes, adaptation(trainer).teacher.module.self_labeling_head.prototypes.cpu())
 
 
 def test_reference_options_run(tmp_path, synthetic_cache):
@@ -67,22 +67,26 @@ def test_reference_options_run(tmp_path, synthetic_cache):
             "--export_model", "teacher", "--gradient_accumulation_steps", "2",
         )
     )  # fmt: skip
-    assert trainer.offline_labels.probabilities.dtype == torch.float16
-    assert trainer.offline_labels.probabilities.shape[:2] == (8, 19)
+    assert adaptation(trainer).offline_labels.probabilities.dtype == torch.float16
+    assert adaptation(trainer).offline_labels.probabilities.shape[:2] == (8, 19)
     assert trainer.step == 4
-    initial_prior = trainer.self_labeling.prior.distribution.clone()
+    initial_prior = adaptation(trainer).self_labeling.prior.distribution.clone()
     metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     assert metrics["exported_model"] == "teacher"
     assert metrics["final"]["mean_iou"] == metrics["history"]["cpsl"]["4"]["teacher"]["mean_iou"]
-    assert torch.equal(initial_prior, trainer.self_labeling.prior.distribution)  # static
+    assert torch.equal(initial_prior, adaptation(trainer).self_labeling.prior.distribution)  # static
 
 
-def _state(trainer: UDATrainer) -> dict[str, torch.Tensor]:
-    state = {f"student.{k}": v for k, v in trainer.unwrapped.state_dict().items()}
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in trainer.student.state_dict().items()}
     state.update(
-        {f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items() if isinstance(v, torch.Tensor)}
+        {
+            f"teacher.{k}": v
+            for k, v in adaptation(trainer).teacher.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
     )
-    state.update({f"selflabel.{k}": v for k, v in trainer.self_labeling.state_dict().items()})
+    state.update({f"selflabel.{k}": v for k, v in adaptation(trainer).self_labeling.state_dict().items()})
     return state
 
 
@@ -113,14 +117,17 @@ DRIVER = textwrap.dedent(
     import sys
     import torch
     from cpsl_hf.training.arguments import parse_args
-    from cpsl_hf.training.trainer import UDATrainer
+    from cpsl_hf.training.loop import Trainer
 
-    trainer = UDATrainer(parse_args(sys.argv[2:]))
+    def adaptation(run):
+        return next(stage for stage in run.stages if stage.name == "cpsl")
+
+    trainer = Trainer(parse_args(sys.argv[2:]))
     trainer.train()
     state = {
-        "student": trainer.unwrapped.state_dict(),
-        "teacher": trainer.teacher.module.state_dict(),
-        "selflabel": trainer.self_labeling.state_dict(),
+        "student": trainer.student.state_dict(),
+        "teacher": adaptation(trainer).teacher.module.state_dict(),
+        "selflabel": adaptation(trainer).self_labeling.state_dict(),
         "world": trainer.accelerator.num_processes,
     }
     torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from cpsl_hf.data.transforms import normalize
 from cpsl_hf.training.arguments import parse_args
-from cpsl_hf.training.trainer import UDATrainer, build_model
+from cpsl_hf.training.building import build_model
+from cpsl_hf.training.loop import Trainer
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def tiny_argv(output_dir, cache, *extra):
     ]  # fmt: skip
 
 
-def run(argv, trainer_class=UDATrainer) -> UDATrainer:
+def run(argv, trainer_class=Trainer) -> Trainer:
     """Parse ``argv``, train to the end (or ``--stop_at_step``), return the trainer."""
     trainer = trainer_class(parse_args(argv))
     trainer.train()
@@ -67,30 +68,62 @@ def run_two_processes(driver_source: str, folder, argv, extra_env=None) -> subpr
 
 
 # ------------------------------------------------------------------ one adaptation step, recomputed
-def prepared(tmp_path, cache, *flags) -> UDATrainer:
-    """A set-up trainer right after the CPSL initialisation (1 warm-up step), student in eval mode so that its
-    forward is deterministic (no dropout / drop path) and can be recomputed."""
-    trainer = UDATrainer(parse_args(tiny_argv(tmp_path, cache, "--warmup_steps", "1", *flags)))
+def prepared(tmp_path, cache, *flags) -> Trainer:
+    """A set-up trainer right after the start of its adaptation stage (1 warm-up step, untrained), student in
+    eval mode so that its forward is deterministic (no dropout / drop path) and can be recomputed. The stage is
+    ``adaptation(trainer)``."""
+    trainer = Trainer(parse_args(tiny_argv(tmp_path, cache, "--warmup_steps", "1", *flags)))
     trainer.setup()
-    trainer.initialize_cpsl()
+    stage = adaptation(trainer)
+    stage.start(trainer.stages[0])
+    stage.started = True
     trainer.model.eval()
     return trainer
 
 
-def batches(trainer: UDATrainer):
-    source = trainer._next_batch(trainer.source_loader)
-    target = trainer._next_batch(trainer.target_loader)
+def stage_named(trainer: Trainer, name: str):
+    return next(stage for stage in trainer.stages if stage.name == name)
+
+
+def adaptation(trainer: Trainer):
+    """The run's CPSL (or mean-teacher) stage."""
+    return stage_named(trainer, "cpsl")
+
+
+def distill_round(trainer: Trainer) -> int:
+    """The distillation round the run is in (0 before the first)."""
+    rounds = [
+        stage.round_index for stage in trainer.stages if stage.name.startswith("distill") and stage.started
+    ]
+    return max(rounds, default=0)
+
+
+def current_round(trainer: Trainer):
+    """The stage of the distillation round the run is in."""
+    return stage_named(trainer, f"distill{distill_round(trainer)}")
+
+
+def cpsl_losses(trainer: Trainer, source, target):
+    """``(losses, pseudo-label record)`` of one step of the adaptation stage."""
+    output = adaptation(trainer).losses(source, target)
+    return output.losses, output.pseudo_labels
+
+
+def batches(trainer: Trainer):
+    source = trainer.next_batch(trainer.source_loader)
+    target = trainer.next_batch(trainer.target_loader)
     return source, target, target.pop("labels")
 
 
-def step_and_views(trainer: UDATrainer, source, target):
+def step_and_views(trainer: Trainer, source, target):
     """(losses, record) of one step and the same step's views, redrawn from the same generator state."""
-    state = trainer.generator.get_state()
-    losses, record = trainer.cpsl_losses(source, target)
-    after = trainer.generator.get_state()
-    trainer.generator.set_state(state)
-    views = trainer._source_view(source), *trainer.target_views(target)
-    trainer.generator.set_state(after)
+    generator = trainer.views.generator
+    state = generator.get_state()
+    losses, record = cpsl_losses(trainer, source, target)
+    after = generator.get_state()
+    generator.set_state(state)
+    views = trainer.views.source(source), *trainer.views.target(target)
+    generator.set_state(after)
     return losses, record, views
 
 
@@ -101,7 +134,7 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
 
 
-def independent_model(trainer: UDATrainer, state: dict) -> torch.nn.Module:
+def independent_model(trainer: Trainer, state: dict) -> torch.nn.Module:
     model = build_model(trainer.args)
     model.load_state_dict(state)
     return model.eval()

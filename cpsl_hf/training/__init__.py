@@ -1,5 +1,6 @@
-"""The UDA trainer: arguments (HfArgumentParser + YAML recipes), the EMA teacher, atomic checkpoints and the
-Accelerate training loop (warm-up -> init -> CPSL -> evaluation -> export).
+"""The UDA trainer: arguments (HfArgumentParser + YAML recipes), the generic Accelerate loop (``loop``), the
+stages it runs (``stages/``: warm-up, CPSL or the mean-teacher baseline, distillation rounds), the EMA teacher,
+atomic checkpoints and the export (``export``).
 
 ``from cpsl_hf.training import parse_args, train`` is the whole programmatic API of ``scripts/train.py``.
 Names are resolved lazily so that importing the package does not import ``accelerate``.
@@ -17,8 +18,11 @@ _EXPORTS = {
     "parse_args": "arguments",
     "EMATeacher": "ema",
     "find_latest_checkpoint": "checkpointing",
-    "UDATrainer": "trainer",
-    "train": "trainer",
+    "Trainer": "loop",
+    "train": "loop",
+    "Stage": "stages",
+    "StepOutput": "stages",
+    "build_stages": "stages",
 }
 
 __all__ = list(_EXPORTS)

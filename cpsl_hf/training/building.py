@@ -1,0 +1,136 @@
+"""What a run is built from: its datasets, its student network and its optimisers (no training logic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpsl_hf.data import protocols
+from cpsl_hf.data.protocols import IGNORE_INDEX
+
+from .arguments import RunArguments, dataset_kind
+
+
+def load_domain_dataset(args: RunArguments, domain: str, split: str):
+    """The ``datasets.Dataset`` of ``--source`` (domain "source") or ``--target`` (domain "target").
+
+    ``split`` is "train" or the target's validation split name. Built-in names use their reader; anything
+    else is a prepared folder or Hub repo read by ``load_prepared``.
+    """
+    from cpsl_hf import data as cpsl_data
+
+    data = args.data
+    name = getattr(data, domain)
+    directory = getattr(data, f"{domain}_dir")
+    kind = dataset_kind(name)
+    if kind == "synthetic":
+        is_val = split != "train"
+        return cpsl_data.load_synthetic(
+            domain=domain,
+            split="validation" if is_val else "train",
+            num_images=data.synthetic_val_images if is_val else data.synthetic_train_images,
+            image_size=tuple(data.synthetic_image_size),
+            seed=data.synthetic_seed,
+            cache_dir=data.synthetic_cache_dir,
+            variant=data.synthetic_variant,
+        )
+    if kind == "gta5":
+        return cpsl_data.load_gta5(directory, num_classes=data.num_classes, streaming=data.streaming)
+    if kind == "synthia":
+        return cpsl_data.load_synthia(directory, num_classes=data.num_classes, streaming=data.streaming)
+    if kind == "cityscapes":
+        return cpsl_data.load_cityscapes(
+            directory, split=split, num_classes=data.num_classes, streaming=data.streaming
+        )
+    return cpsl_data.load_prepared(name, split=split, streaming=data.streaming)
+
+
+def peek_dataset(dataset, count: int = 4) -> tuple[tuple[int, int], int | None]:
+    """(H, W) of the first image and the largest non-ignored label id among the first ``count`` samples."""
+    import numpy as np
+
+    iterator = iter(dataset)
+    size, max_label = None, None
+    for _ in range(count):
+        try:
+            sample = next(iterator)
+        except StopIteration:
+            break
+        if size is None:
+            width, height = sample["image"].size
+            size = (height, width)
+        labels = np.asarray(sample["label"])
+        labelled = labels[labels != IGNORE_INDEX]
+        if labelled.size:
+            max_label = max(int(labelled.max()), -1 if max_label is None else max_label)
+    if size is None:
+        raise ValueError("dataset is empty")
+    return size, max_label
+
+
+def build_model(args: RunArguments) -> nn.Module:
+    """The student: a full CPSL checkpoint, a preset with random weights, or a pretrained encoder."""
+    from cpsl_hf.configuration_cpsl import PRESETS, CPSLConfig
+    from cpsl_hf.modeling_cpsl import CPSLForSemanticSegmentation
+
+    num_classes = args.data.num_classes
+    id2label = dict(enumerate(protocols.class_names(num_classes)))
+    overrides: dict[str, Any] = {"sl_temperature": args.model.sl_temperature}
+    if args.model.embedding_dim is not None:
+        overrides["embedding_dim"] = args.model.embedding_dim
+    if args.model.segformer_embedding is not None:
+        overrides["segformer_embedding"] = args.model.segformer_embedding
+    if args.model.model_name_or_path is not None:
+        loaded_overrides = (
+            {"segformer_embedding": args.model.segformer_embedding}
+            if args.model.segformer_embedding is not None
+            else {}
+        )
+        model = CPSLForSemanticSegmentation.from_pretrained(args.model.model_name_or_path, **loaded_overrides)
+        if model.config.num_labels != num_classes:
+            raise ValueError(
+                f"--model_name_or_path {args.model.model_name_or_path}: the checkpoint has "
+                f"{model.config.num_labels} classes, --num_classes is {num_classes}"
+            )
+        return model
+    if args.model.backbone in PRESETS:
+        config = CPSLConfig.from_preset(
+            args.model.backbone, num_labels=num_classes, id2label=id2label, **overrides
+        )
+        return CPSLForSemanticSegmentation(config)
+    return CPSLForSemanticSegmentation.from_pretrained_backbone(
+        args.model.backbone, num_labels=num_classes, id2label=id2label, **overrides
+    )
+
+
+def make_optimizer(kind: str, param_groups: list[dict[str, Any]], training) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` (momentum ``--sgd_momentum``) or ``AdamW`` (``--adam_betas``) over the groups."""
+    if kind == "sgd":
+        return torch.optim.SGD(param_groups, lr=training.learning_rate, momentum=training.sgd_momentum)
+    return torch.optim.AdamW(param_groups, lr=training.learning_rate, betas=tuple(training.adam_betas))
+
+
+def parameter_groups(model: nn.Module, args: RunArguments) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The network's optimiser groups (backbone, head) and W's group (``prototypes``).
+
+    The prototypes are L2-normalised wherever they are used: weight decay would only shrink them. Their only
+    gradient is ``lambda_sl L_SL``; under Adam the update would not depend on ``lambda_sl``, so by default they
+    get SGD (the reference's) in an optimiser of their own when the network trains with AdamW.
+    """
+    training = args.training
+    groups = model.parameter_groups()
+    lr = training.learning_rate
+    head_lr = lr * training.head_lr_multiplier
+    network = [
+        {"params": groups["backbone"], "lr": lr, "weight_decay": training.weight_decay, "name": "backbone"},
+        {"params": groups["head"], "lr": head_lr, "weight_decay": training.weight_decay, "name": "head"},
+    ]
+    prototypes = {
+        "params": groups["prototypes"],
+        "lr": args.cpsl.prototype_lr if args.cpsl.prototype_lr is not None else head_lr,
+        "weight_decay": 0.0,
+        "name": "prototypes",
+    }
+    return network, prototypes
