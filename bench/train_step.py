@@ -1,7 +1,8 @@
 """Seconds per CPSL training step vs a plain mean-teacher self-training step, as a ratio in one run.
 
-Both are the trainer's own adaptation step (:meth:`UDATrainer.cpsl_losses`) on the same batch, with the same
-views (source crop; target weak view -> EMA teacher and the frozen ``P_ST`` model; target strong view ->
+Both are the trainer's own adaptation stages (:class:`CPSLStage`, :class:`MeanTeacherStage`, built from the
+public stage classes and started as a run starts them), stepped as the loop steps them, on the same batch, with
+the same views (source crop; target weak view -> EMA teacher and the frozen ``P_ST`` model; target strong view ->
 student), the same backward / optimizer / EMA update, switched by ``--method``:
 
 - mean teacher (``--method mean_teacher --consistency symmetric``): labels ``argmax P_ST`` warped onto the
@@ -32,53 +33,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dataclasses  # noqa: E402
+import tempfile  # noqa: E402
+
 from cpsl_hf.training.arguments import parse_args  # noqa: E402
-from cpsl_hf.training.trainer import UDATrainer, _frozen_copy  # noqa: E402
+from cpsl_hf.training.loop import Trainer  # noqa: E402
+from cpsl_hf.training.stages import CPSLStage, MeanTeacherStage  # noqa: E402
 
 
-class BenchTrainer(UDATrainer):
-    """The real trainer with random data instead of datasets (same model, optimizer, teacher, core)."""
+def random_batch(batch_size: int, image_size, num_classes: int, device) -> dict:
+    """uint8 images and labels drawn from a fixed seed: the same batch for every timed step."""
+    height, width = image_size
+    generator = torch.Generator().manual_seed(batch_size)
+    images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size, height, width), generator=generator)
+    return {"pixel_values": images.to(device), "labels": labels.to(device), "name": [""] * batch_size}
 
-    def __init__(self, args, image_size, source_batch, target_batch):
-        super().__init__(args)
-        self.image_size = image_size
-        self.batch_sizes = (source_batch, target_batch)
 
-    def _build_data(self):  # random uint8 images and labels, no datasets
-        self._eval_loader_args = {}
-
-    def random_batch(self, batch_size):
-        height, width = self.image_size
-        generator = torch.Generator().manual_seed(batch_size)
-        images = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator)
-        labels = torch.randint(0, self.num_classes, (batch_size, height, width), generator=generator)
-        return {
-            "pixel_values": images.to(self.device),
-            "labels": labels.to(self.device),
-            "name": [""] * batch_size,
-        }
-
-    def initialize_random(self):
-        """What the init stage does, minus the pass over a dataset: teacher and frozen P_ST model copies, core
-        with a uniform prior."""
-        self.teacher.reset(self.unwrapped)
-        self.pseudo_label_model = _frozen_copy(self.unwrapped)
-        self.self_labeling = self.build_self_labeling()
-        self.cpsl_initialized = True
-
-    def method_losses(self, method: str):
-        """The adaptation step's loss function with ``--method method`` (mean teacher: symmetric consistency)."""
-        cpsl = self.args.cpsl
-        defaults = (cpsl.method, cpsl.consistency)
-
-        def losses(source_batch, target_batch):
-            cpsl.method, cpsl.consistency = (method, "symmetric") if method == "mean_teacher" else defaults
-            try:
-                return self.cpsl_losses(source_batch, target_batch)[0]
-            finally:
-                cpsl.method, cpsl.consistency = defaults
-
-        return losses
+def build_stages(argv: list[str]) -> tuple[Trainer, dict]:
+    """A set-up run (model, optimisers, views; a synthetic set of one batch) and its two adaptation stages, built
+    from the public stage classes and started as the run would start them (teacher and frozen ``P_ST`` copies;
+    for CPSL the prototype and prior pass over the target set)."""
+    args = parse_args(argv)
+    trainer = Trainer(args)
+    trainer.setup()
+    training = args.training
+    mean_teacher_args = dataclasses.replace(args.cpsl, method="mean_teacher", consistency="symmetric")
+    stages = {
+        "mean_teacher": MeanTeacherStage(mean_teacher_args, 1, 1.0, training.export_model, False),
+        "cpsl": CPSLStage(args.cpsl, 1, 1.0, training.export_model, False),
+    }
+    for stage in stages.values():
+        stage.setup(trainer)
+        stage.start(trainer.stages[0])
+        stage.started = True
+    return trainer, stages
 
 
 def _sync(device):
@@ -88,20 +77,24 @@ def _sync(device):
 
 def measure(preset, image_size, crop, batch, steps, warmup, mixed_precision, bank_size=65536):
     """(plain s/step, cpsl s/step, share of the CPSL step in the core, images/s plain, cpsl, peak GiB)."""
+    cache_dir = tempfile.mkdtemp(prefix="cpsl_bench_data_")
     argv = [
         "--backbone", preset, "--crop_size", str(crop[0]), str(crop[1]),
         "--source_batch_size", str(batch), "--target_batch_size", str(batch),
         "--mixed_precision", mixed_precision, "--bank_size", str(bank_size),
         "--output_dir", "/tmp/cpsl_bench", "--no_progress_bar", "--optimizer", "adamw",
         "--synthetic_image_size", str(max(image_size[0], crop[0])), str(max(image_size[1], crop[1])),
+        "--synthetic_train_images", str(batch), "--synthetic_val_images", "1", "--synthetic_cache_dir", cache_dir,
+        "--warmup_steps", "0", "--no_pseudo_label_diagnostics", "--eval_batch_size", "1",
     ]  # fmt: skip
-    trainer = BenchTrainer(parse_args(argv), image_size, batch, batch)
-    trainer.setup()
-    trainer.initialize_random()
+    trainer, stages = build_stages(argv)
     device = trainer.device
-    source, target = trainer.random_batch(batch), trainer.random_batch(batch)
+    source = random_batch(batch, image_size, trainer.num_classes, device)
+    target = random_batch(batch, image_size, trainer.num_classes, device)
+    target.pop("labels")  # the loop takes the ground truth out before a stage sees the batch
     core_seconds = []
-    original_forward = trainer.self_labeling.forward
+    core = stages["cpsl"].self_labeling
+    original_forward = core.forward
 
     def timed_forward(*args, **kwargs):
         _sync(device)
@@ -111,17 +104,17 @@ def measure(preset, image_size, crop, batch, steps, warmup, mixed_precision, ban
         core_seconds.append(time.perf_counter() - start)
         return out
 
-    trainer.self_labeling.forward = timed_forward
+    core.forward = timed_forward
+    plain_losses, cpsl_losses = stages["mean_teacher"], stages["cpsl"]
 
-    plain_losses, cpsl_losses = trainer.method_losses("mean_teacher"), trainer.method_losses("cpsl")
-
-    def step(losses_fn):
-        losses = losses_fn(source, {key: value for key, value in target.items() if key != "labels"})
-        trainer.accelerator.backward(losses["loss"])
-        for optimizer in trainer._optimizers():
+    def step(stage):
+        """One optimisation step of ``stage``, as the loop takes it (losses, backward, optimisers, EMA)."""
+        output = stage.losses(source, target)
+        trainer.accelerator.backward(output.losses["loss"])
+        for optimizer in trainer.optimizers():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        trainer.teacher.update(trainer.unwrapped)
+        stage.after_step()
 
     def time_steps(losses_fn):
         times = []
