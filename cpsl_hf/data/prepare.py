@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cpsl_hf.utils import progress as progress_bar
+
 from . import protocols
 from .readers import (
     LAYOUTS,
@@ -29,7 +31,6 @@ from .readers import (
     DataReport,
     _Accumulator,
     _label_lut,
-    _progress,
     check_pairs,
     dataset_features,
     hub_offline,
@@ -171,7 +172,13 @@ def prepare_dataset(
     totals = _Accumulator(len(lut), known)
     totals.bad.extend(bad)
     converted_stream = iter(
-        _progress(iter_converted(kind, kept, num_classes, num_proc), len(kept), f"writing {kind}", progress)
+        progress_bar(
+            iter_converted(kind, kept, num_classes, num_proc),
+            progress,
+            f"writing {kind}",
+            total=len(kept),
+            unit="sample",
+        )
     )
 
     def rows(count: int):

@@ -29,8 +29,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,9 @@ from typing import Literal
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from PIL import Image
+
+from cpsl_hf.utils import atomic_directory
+from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
 
@@ -487,12 +488,6 @@ def _convert_job(job) -> _Converted:
     return convert_pair(*job)
 
 
-def _progress(iterable, total: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=description, unit="sample", disable=not enabled)
-
-
 def _check_on_bad_sample(on_bad_sample: str) -> None:
     if on_bad_sample not in ("raise", "skip"):
         raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected 'raise' or 'skip'")
@@ -555,13 +550,15 @@ def _build_cache(kind, pairs, orphans, num_classes, on_bad_sample, report, targe
     lut, known = _label_lut(kind, num_classes)
     totals = _Accumulator(len(lut), known)
     totals.bad.extend(orphans)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # Written beside the cache folder and renamed into place: a reader never sees a half-written cache.
+    with atomic_directory(target) as staging:
         rows: list[dict] = []
         with pa.OSFile(str(staging / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             converted_stream = iter_converted(kind, pairs, num_classes, num_proc)
-            for converted in _progress(converted_stream, len(pairs), f"converting {kind} labels", progress):
+            converting = progress_bar(
+                converted_stream, progress, f"converting {kind} labels", total=len(pairs), unit="sample"
+            )
+            for converted in converting:
                 totals.add(converted)
                 if converted.bad is None:
                     rows.append(_example(converted.name, converted.image_path, converted.label_png))
@@ -577,12 +574,6 @@ def _build_cache(kind, pairs, orphans, num_classes, on_bad_sample, report, targe
         report.skipped, report.num_kept = totals.bad, totals.kept
         totals.fill(report)
         (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _example(name: str, image_path: str, label_png: bytes) -> dict:
@@ -600,7 +591,9 @@ def check_pairs(kind, pairs, orphans, on_bad_sample, num_proc, progress) -> tupl
     ``bad`` is ``orphans`` plus every failing pair; with ``on_bad_sample="raise"`` any bad sample raises one
     :class:`BadSampleError` that lists them all.
     """
-    checked = _progress(_iter_checked(kind, pairs, num_proc), len(pairs), f"checking {kind}", progress)
+    checked = progress_bar(
+        _iter_checked(kind, pairs, num_proc), progress, f"checking {kind}", total=len(pairs), unit="sample"
+    )
     bad = orphans + [result for result in checked if result is not None]
     if bad and on_bad_sample == "raise":
         raise BadSampleError(kind, bad)
