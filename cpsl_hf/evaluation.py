@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cpsl_hf.data import protocols
+from cpsl_hf.data import protocols, registry
 from cpsl_hf.inference import predict_logits, unwrap_model
 from cpsl_hf.utils import autocast_dtype, format_percent, json_ready
 from cpsl_hf.utils import progress as progress_bar
@@ -356,8 +356,8 @@ def metrics_to_json(metrics: dict, path: str | os.PathLike | None = None, **extr
     return text
 
 
-DATASETS = ("cityscapes", "gta5", "synthia", "synthetic", "synthetic-hard", "prepared")
-"""Dataset names accepted by :func:`load_eval_dataset` and ``scripts/evaluate.py --dataset``."""
+DATASETS = registry.DATASETS
+"""Dataset names accepted by :func:`load_eval_dataset` and ``scripts/evaluate.py --dataset`` (the registry's)."""
 
 DEFAULT_SLIDING_WINDOW = (1024, 1024, 768, 768)
 """Window of ``--sliding_window`` given without a value: SegFormer's Cityscapes setting (crop, stride)."""
@@ -371,7 +371,8 @@ def load_eval_dataset(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
-    """The evaluation split of a named dataset, as a ``datasets`` dataset with image / label / name.
+    """The evaluation split of a named dataset, as a ``datasets`` dataset with image / label / name, read by
+    :func:`cpsl_hf.data.registry.load_dataset` (``cache_dir``: the download readers' label cache).
 
     - ``cityscapes``: ``data_dir`` holds ``leftImg8bit/{split}`` and ``gtFine/{split}`` (``split`` "val").
     - ``gta5`` / ``synthia``: the whole folder ``data_dir`` (these datasets have no official split).
@@ -381,32 +382,19 @@ def load_eval_dataset(
     - ``prepared``: a dataset written by ``scripts/prepare_dataset.py``; ``data_dir`` is its folder or Hub
       dataset repo id, ``split`` its split name, streamed.
     """
-    from cpsl_hf.data import readers
-
     if dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    if dataset in ("synthetic", "synthetic-hard"):
-        from cpsl_hf.data.synthetic import load_synthetic
-
-        if num_classes != 19:
-            raise ValueError(f"--dataset {dataset} has 19 classes, got --num_classes {num_classes}")
-        synthetic_split = "validation" if split in ("val", "validation") else split
-        variant = "hard" if dataset == "synthetic-hard" else "default"
-        return load_synthetic(domain="target", split=synthetic_split, cache_dir=data_dir, variant=variant)
-    if data_dir is None:
-        raise ValueError(f"--dataset {dataset} needs --data_dir (the dataset folder)")
-    if dataset == "prepared":
-        return readers.load_prepared(data_dir, split=split, streaming=True)
-    if not Path(data_dir).is_dir():
-        raise FileNotFoundError(
-            f"--data_dir {data_dir}: no such folder (expected the {dataset} dataset root)"
-        )
-    options = {"num_classes": num_classes, "cache_dir": cache_dir, "progress": progress}
-    if dataset == "cityscapes":
-        return readers.load_cityscapes(data_dir, split=split, **options)
-    if dataset == "gta5":
-        return readers.load_gta5(data_dir, **options)
-    return readers.load_synthia(data_dir, **options)
+    spec = registry.dataset_spec(dataset)
+    return registry.load_dataset(
+        dataset,
+        data_dir,
+        split,
+        num_classes,
+        streaming=spec.loader == "prepared",  # parquet shards (maybe on the Hub) are streamed
+        label_cache_dir=cache_dir,
+        progress=progress,
+        domain="target",  # the synthetic shift's target domain
+    )
 
 
 def evaluate_checkpoint(

@@ -42,6 +42,7 @@ from cpsl_hf.utils import atomic_directory
 from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
+from .registry import DATASET_SPECS, DOWNLOADS
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +51,8 @@ OnBadSample = Literal["raise", "skip"]
 
 _READER_VERSION = "1"  # bump when the conversion changes, so stale caches are not reused
 
-#: The folder layout each reader expects (quoted in errors).
-LAYOUTS: dict[str, str] = {
-    "gta5": (
-        "GTA5: DATA_DIR/images/*.png and DATA_DIR/labels/*.png with the same file names "
-        "(labels are palette PNGs whose indices are Cityscapes label ids)"
-    ),
-    "synthia": (
-        "SYNTHIA-RAND-CITYSCAPES: DATA_DIR/RGB/*.png and DATA_DIR/GT/LABELS/*.png with the same file names "
-        "(labels are 16-bit PNGs with the class id in the first channel)"
-    ),
-    "cityscapes": (
-        "Cityscapes: DATA_DIR/leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
-        "DATA_DIR/gtFine/{split}/{city}/*_gtFine_labelIds.png"
-    ),
-}
+#: The folder layout each reader expects (quoted in errors), from the dataset registry.
+LAYOUTS: dict[str, str] = {name: DATASET_SPECS[name].layout for name in DOWNLOADS}
 
 #: Every id of the Cityscapes label table (GTA5 uses the same ids); other ids are "outside the table".
 CITYSCAPES_TABLE_IDS: frozenset[int] = frozenset(label.id for label in _CITYSCAPES_LABELS if label.id >= 0)
@@ -737,17 +725,6 @@ def load_cityscapes(
 
 for _reader in (load_gta5, load_synthia, load_cityscapes):
     _reader.__doc__ += _COMMON_DOC
-
-
-def load_dataset_by_name(kind: DatasetKind, data_dir, split: str = "train", **kwargs):
-    """Dispatch to :func:`load_gta5`, :func:`load_synthia` or :func:`load_cityscapes` by name."""
-    if kind == "gta5":
-        return load_gta5(data_dir, **kwargs)
-    if kind == "synthia":
-        return load_synthia(data_dir, **kwargs)
-    if kind == "cityscapes":
-        return load_cityscapes(data_dir, split=split, **kwargs)
-    raise ValueError(f"unknown dataset {kind!r}; expected one of {sorted(LAYOUTS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
