@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from cpsl_hf.data import loading, prepare, readers, testing, transforms
+from cpsl_hf.data.registry import load_dataset
 
 SIZES = {"gta5": (1052, 1914), "synthia": (760, 1280), "cityscapes": (1024, 2048)}
 
@@ -101,7 +102,7 @@ def main() -> None:
         for kind, (height, width) in SIZES.items():
             root = write_download(kind, tmp / kind, args.num_images)
             start = time.perf_counter()
-            local = readers.load_dataset_by_name(kind, root, cache_dir=tmp / "cache", progress=False)
+            local = load_dataset(kind, root, label_cache_dir=tmp / "cache", progress=False)
             convert = args.num_images / (time.perf_counter() - start)
             start = time.perf_counter()
             prepare.prepare_dataset(kind, root, tmp / f"{kind}-parquet", progress=False)

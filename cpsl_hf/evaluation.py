@@ -23,7 +23,6 @@ The result dictionary uses the keys of ``evaluate``'s ``mean_iou`` (``mean_iou``
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,8 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cpsl_hf.data import protocols
+from cpsl_hf.data import protocols, registry
 from cpsl_hf.inference import predict_logits, unwrap_model
+from cpsl_hf.utils import autocast_dtype, format_percent, json_ready
+from cpsl_hf.utils import progress as progress_bar
 
 __all__ = [
     "ConfusionMatrix",
@@ -304,7 +305,8 @@ def evaluate_model(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in _progress(loader, enabled=progress):
+            batches = progress_bar(loader, progress and _is_main_process(), "evaluating", unit="batch")
+            for batch in batches:
                 logits = predict_logits(
                     model,
                     batch["pixel_values"],
@@ -318,17 +320,8 @@ def evaluate_model(
     return confusion.reduce().compute()
 
 
-def _progress(loader: Iterable, enabled: bool):
-    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if not (enabled and main_process):
-        return loader
-    from tqdm.auto import tqdm
-
-    try:
-        total = len(loader)
-    except TypeError:  # generators, streaming loaders
-        total = None
-    return tqdm(loader, total=total, desc="evaluating", unit="batch", dynamic_ncols=True)
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def format_metrics_table(metrics: dict) -> str:
@@ -338,19 +331,15 @@ def format_metrics_table(metrics: dict) -> str:
     for name, iou, accuracy in zip(
         metrics["class_names"], metrics["per_category_iou"], metrics["per_category_accuracy"]
     ):
-        lines.append(f"{name:<{width}}  {_percent(iou):>6}  {_percent(accuracy):>6}")
+        lines.append(f"{name:<{width}}  {format_percent(iou):>6}  {format_percent(accuracy):>6}")
     lines.append("-" * (width + 16))
     lines.append(
-        f"{'mIoU':<{width}}  {_percent(metrics['mean_iou']):>6}  {_percent(metrics['mean_accuracy']):>6}"
+        f"{'mIoU':<{width}}  {format_percent(metrics['mean_iou']):>6}  {format_percent(metrics['mean_accuracy']):>6}"
     )
     if "mean_iou_13" in metrics:
-        lines.append(f"{'mIoU (13 classes)':<{width}}  {_percent(metrics['mean_iou_13']):>6}")
-    lines.append(f"{'overall accuracy':<{width}}  {'':>6}  {_percent(metrics['overall_accuracy']):>6}")
+        lines.append(f"{'mIoU (13 classes)':<{width}}  {format_percent(metrics['mean_iou_13']):>6}")
+    lines.append(f"{'overall accuracy':<{width}}  {'':>6}  {format_percent(metrics['overall_accuracy']):>6}")
     return "\n".join(lines)
-
-
-def _percent(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
 def metrics_to_json(metrics: dict, path: str | os.PathLike | None = None, **extra) -> str:
@@ -358,7 +347,7 @@ def metrics_to_json(metrics: dict, path: str | os.PathLike | None = None, **extr
 
     Writes ``path`` (creating its folder) when given; returns the JSON text.
     """
-    payload = _nan_to_none({**metrics, **extra})
+    payload = json_ready({**metrics, **extra})
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
     if path is not None:
         path = Path(path)
@@ -367,23 +356,11 @@ def metrics_to_json(metrics: dict, path: str | os.PathLike | None = None, **extr
     return text
 
 
-def _nan_to_none(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _nan_to_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(item) for item in value]
-    return value
-
-
-DATASETS = ("cityscapes", "gta5", "synthia", "synthetic", "synthetic-hard", "prepared")
-"""Dataset names accepted by :func:`load_eval_dataset` and ``scripts/evaluate.py --dataset``."""
+DATASETS = registry.DATASETS
+"""Dataset names accepted by :func:`load_eval_dataset` and ``scripts/evaluate.py --dataset`` (the registry's)."""
 
 DEFAULT_SLIDING_WINDOW = (1024, 1024, 768, 768)
 """Window of ``--sliding_window`` given without a value: SegFormer's Cityscapes setting (crop, stride)."""
-
-_AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_eval_dataset(
@@ -394,7 +371,8 @@ def load_eval_dataset(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
-    """The evaluation split of a named dataset, as a ``datasets`` dataset with image / label / name.
+    """The evaluation split of a named dataset, as a ``datasets`` dataset with image / label / name, read by
+    :func:`cpsl_hf.data.registry.load_dataset` (``cache_dir``: the download readers' label cache).
 
     - ``cityscapes``: ``data_dir`` holds ``leftImg8bit/{split}`` and ``gtFine/{split}`` (``split`` "val").
     - ``gta5`` / ``synthia``: the whole folder ``data_dir`` (these datasets have no official split).
@@ -404,32 +382,19 @@ def load_eval_dataset(
     - ``prepared``: a dataset written by ``scripts/prepare_dataset.py``; ``data_dir`` is its folder or Hub
       dataset repo id, ``split`` its split name, streamed.
     """
-    from cpsl_hf.data import readers
-
     if dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    if dataset in ("synthetic", "synthetic-hard"):
-        from cpsl_hf.data.synthetic import load_synthetic
-
-        if num_classes != 19:
-            raise ValueError(f"--dataset {dataset} has 19 classes, got --num_classes {num_classes}")
-        synthetic_split = "validation" if split in ("val", "validation") else split
-        variant = "hard" if dataset == "synthetic-hard" else "default"
-        return load_synthetic(domain="target", split=synthetic_split, cache_dir=data_dir, variant=variant)
-    if data_dir is None:
-        raise ValueError(f"--dataset {dataset} needs --data_dir (the dataset folder)")
-    if dataset == "prepared":
-        return readers.load_prepared(data_dir, split=split, streaming=True)
-    if not Path(data_dir).is_dir():
-        raise FileNotFoundError(
-            f"--data_dir {data_dir}: no such folder (expected the {dataset} dataset root)"
-        )
-    options = {"num_classes": num_classes, "cache_dir": cache_dir, "progress": progress}
-    if dataset == "cityscapes":
-        return readers.load_cityscapes(data_dir, split=split, **options)
-    if dataset == "gta5":
-        return readers.load_gta5(data_dir, **options)
-    return readers.load_synthia(data_dir, **options)
+    spec = registry.dataset_spec(dataset)
+    return registry.load_dataset(
+        dataset,
+        data_dir,
+        split,
+        num_classes,
+        streaming=spec.loader == "prepared",  # parquet shards (maybe on the Hub) are streamed
+        label_cache_dir=cache_dir,
+        progress=progress,
+        domain="target",  # the synthetic shift's target domain
+    )
 
 
 def evaluate_checkpoint(
@@ -472,10 +437,7 @@ def evaluate_checkpoint(
     from cpsl_hf.data.loading import build_eval_loader
     from cpsl_hf.inference import load_model
 
-    if mixed_precision not in _AUTOCAST_DTYPES:
-        raise ValueError(
-            f"--mixed_precision {mixed_precision!r}: expected one of {', '.join(_AUTOCAST_DTYPES)}"
-        )
+    dtype = autocast_dtype(mixed_precision)  # checks the value before anything is loaded
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     segmenter = load_model(model, device=accelerator.device, trust_remote_code=trust_remote_code)
     model_classes = getattr(segmenter.config, "num_labels", None)
@@ -509,7 +471,7 @@ def evaluate_checkpoint(
         device=accelerator.device,
         flip=flip,
         sliding_window=sliding_window,
-        autocast_dtype=_AUTOCAST_DTYPES[mixed_precision],
+        autocast_dtype=dtype,
         progress=progress,
     )
     metrics.update(

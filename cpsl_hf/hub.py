@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cpsl_hf.data.protocols import class_names as protocol_class_names
+from cpsl_hf.utils import format_percent
 from cpsl_hf.visualization import PREDICTIONS_DIRNAME
 
 #: The template shipped in the repository's top-level ``model_cards/`` folder.
@@ -65,12 +66,6 @@ class HubError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- model card
-
-
-def _percent(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{100.0 * float(value):.2f}"
 
 
 def _require_fraction(metrics: Mapping[str, Any], key: str) -> float:
@@ -176,7 +171,7 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
     hyperparameters = dict(training_info.get("hyperparameters") or {})
 
     rows = [
-        {"name": name, "iou": _percent(iou), "accuracy": _percent(accuracy)}
+        {"name": name, "iou": format_percent(iou), "accuracy": format_percent(accuracy)}
         for name, iou, accuracy in zip(names, per_category_iou, per_category_accuracy)
     ]
     return {
@@ -187,7 +182,7 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
         "source": source,
         "target": target,
         "split": split,
-        "headline": [(name, _percent(value), value) for name, value in headline],
+        "headline": [(name, format_percent(value), value) for name, value in headline],
         "rows": rows,
         "has_accuracy": any(accuracy is not None for accuracy in per_category_accuracy),
         "recipe": recipe,

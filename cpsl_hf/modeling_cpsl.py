@@ -383,12 +383,17 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy at label resolution.
+        """Cross-entropy at label resolution, computed in (at least) float32 outside autocast.
+
+        The same loss as :func:`cpsl_hf.selflabel.masked_cross_entropy`, which the trainer uses (this file
+        travels as remote code, so it cannot import it): the mean over labelled pixels, and 0 with a zero
+        gradient when no pixel is labelled (a crop of nothing but ignored pixels), where ``F.cross_entropy``'s
+        mean would be NaN.
 
         Args:
             logits: N x C x h x w. labels: int64 N x H x W (``config.ignore_index`` ignored).
         Returns:
-            0-dim mean over non-ignored pixels.
+            0-dim mean over non-ignored pixels (0 when there is none).
         """
         if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
             raise ValueError(
@@ -396,7 +401,14 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
                 f"got {tuple(labels.shape)}."
             )
         upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.ignore_index)
+        labels = labels.long()
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            upsampled = upsampled.to(torch.promote_types(upsampled.dtype, torch.float32))
+            per_pixel = F.cross_entropy(
+                upsampled, labels, ignore_index=self.config.ignore_index, reduction="none"
+            )  # 0 at ignored pixels
+            labelled = (labels != self.config.ignore_index).sum()
+            return per_pixel.sum() / labelled.clamp_min(1).to(per_pixel.dtype)
 
     # ------------------------------------------------------------------ training helpers
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from cpsl_hf.data.protocols import SUPPORTED_NUM_CLASSES, label_id_lut, train_id_to_label_id
+from cpsl_hf.utils import progress as progress_bar
 from cpsl_hf.visualization import color_mask, overlay, predict_train_ids, side_by_side
 
 FORMATS = ("color", "overlay", "labelids", "trainids")
@@ -241,11 +242,9 @@ def predict(
         )
     to_label_ids = train_id_to_label_id(num_classes)
 
-    from tqdm.auto import tqdm
-
     output_dir = Path(output_dir)
     report = PredictionReport(num_images=len(inputs))
-    for path, relpath in tqdm(inputs, desc="predict", unit="image", disable=not progress):
+    for path, relpath in progress_bar(inputs, progress, "predict", unit="image"):
         try:
             pixel_values = read_image(path)
         except OSError as error:

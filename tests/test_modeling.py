@@ -227,6 +227,44 @@ def test_loss_is_cross_entropy_at_label_resolution_with_ignore():
     torch.testing.assert_close(as_tuple[0], expected)
 
 
+def test_loss_is_zero_with_a_zero_gradient_when_no_pixel_is_labelled():
+    """One behaviour with the trainer's masked cross-entropy: 0, not F.cross_entropy's NaN, and backward works."""
+    torch.manual_seed(0)
+    model = CPSLForSemanticSegmentation(CPSLConfig.from_preset("segformer-tiny", num_labels=4)).train()
+    pixels = torch.randn(2, 3, 32, 32)
+    nothing = torch.full((2, 40, 24), 255)
+    with torch.no_grad():
+        logits = model(pixels).logits
+    upsampled = F.interpolate(logits, size=(40, 24), mode="bilinear", align_corners=False)
+    assert torch.isnan(F.cross_entropy(upsampled, nothing, ignore_index=255))  # what the loss used to be
+
+    output = model(pixels, labels=nothing)
+    assert output.loss.item() == 0.0 and output.loss.requires_grad
+    output.loss.backward()
+    grads = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    assert len(grads) > 10  # the graph reaches the backbone and the decode head
+    assert all(torch.count_nonzero(grad) == 0 for grad in grads)
+    assert model(pixels, labels=nothing, return_dict=False)[0].item() == 0.0
+
+
+def test_loss_of_a_batch_with_an_unlabelled_image_is_the_mean_over_labelled_pixels():
+    torch.manual_seed(1)
+    model = CPSLForSemanticSegmentation(CPSLConfig.from_preset("segformer-tiny", num_labels=4)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 4, (2, 40, 24))
+    labels[0] = 255  # the first image has no labelled pixel, the second only some
+    labels[1, :, :7] = 255
+    with torch.no_grad():
+        output = model(pixels, labels=labels)
+    upsampled = F.interpolate(output.logits, size=(40, 24), mode="bilinear", align_corners=False)
+    expected = F.cross_entropy(upsampled, labels, ignore_index=255)
+    assert torch.isfinite(expected)
+    torch.testing.assert_close(output.loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.segmentation_loss(output.logits, labels), expected, rtol=1e-6, atol=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the loss stays float32
+        assert model(pixels, labels=labels).loss.dtype == torch.float32
+
+
 def test_bad_inputs_raise_clear_errors():
     model = CPSLForSemanticSegmentation(CPSLConfig.from_preset("segformer-tiny"))
     with pytest.raises(TypeError, match="ImageNet-normalised floats"):

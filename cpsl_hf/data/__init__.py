@@ -1,5 +1,6 @@
-"""Datasets for CPSL: label protocols, GTA5 / SYNTHIA / Cityscapes readers, prepared (parquet, Hub)
-datasets, the built-in synthetic domain shift, streaming loaders and weak/strong augmentation.
+"""Datasets for CPSL: label protocols, the dataset registry (:func:`load_dataset` reads any dataset by name),
+GTA5 / SYNTHIA / Cityscapes readers, prepared (parquet, Hub) datasets, the built-in synthetic domain shift,
+streaming loaders and weak/strong augmentation.
 
 Names are resolved lazily so that ``import cpsl_hf.data`` stays cheap (``datasets`` is imported only when
 a reader is used).
@@ -20,6 +21,16 @@ _EXPORTS = {
     "synthia_lut": "protocols",
     "train_id_to_label_id": "protocols",
     "colorize": "protocols",
+    # the dataset registry: every dataset by name
+    "DatasetSpec": "registry",
+    "DATASET_SPECS": "registry",
+    "DATASETS": "registry",
+    "TRAINING_DATASETS": "registry",
+    "DOWNLOADS": "registry",
+    "SYNTHETIC_OPTIONS": "registry",
+    "dataset_spec": "registry",
+    "dataset_kind": "registry",
+    "load_dataset": "registry",
     # readers
     "load_gta5": "readers",
     "load_synthia": "readers",
@@ -29,7 +40,6 @@ _EXPORTS = {
     "BadSample": "readers",
     "DataReport": "readers",
     "LayoutError": "readers",
-    "load_dataset_by_name": "readers",
     "prepare_dataset": "prepare",
     "EndlessLoader": "loading",
     # the built-in synthetic domain shift

@@ -22,22 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+from cpsl_hf.utils import progress as progress_bar
+
 from . import protocols
 from .readers import (
-    LAYOUTS,
     BadSampleError,
     DataReport,
     _Accumulator,
     _label_lut,
-    _progress,
     check_pairs,
     dataset_features,
     hub_offline,
     iter_converted,
     scan,
 )
+from .registry import DOWNLOADS, dataset_spec
 
-DEFAULT_NUM_CLASSES = {"gta5": 19, "synthia": 16, "cityscapes": 19}
 TARGET_SHARD_BYTES = 500 * 2**20
 MIN_SHARDS = 32  # when there are enough samples: lets up to 32 processes each read whole shards
 ROW_GROUP_SIZE = 32  # rows per parquet row group: the unit a streaming reader fetches
@@ -129,21 +129,21 @@ def prepare_dataset(
     """Check, convert and write one split of a download as parquet shards (see the module docstring).
 
     Args:
-        kind: "gta5", "synthia" or "cityscapes".
-        data_dir: the download's root folder (layouts in :data:`cpsl_hf.data.readers.LAYOUTS`).
+        kind: "gta5", "synthia" or "cityscapes" (:data:`cpsl_hf.data.registry.DOWNLOADS`).
+        data_dir: the download's root folder (layouts in :data:`cpsl_hf.data.registry.DATASET_SPECS`).
         output_dir: where README.md, cpsl_prepare.json and data/ are written (other splits are kept).
-        num_classes: label protocol; default 19 (GTA5, Cityscapes) or 16 (SYNTHIA).
+        num_classes: label protocol; default the dataset's (19 for GTA5 and Cityscapes, 16 for SYNTHIA).
         num_shards: a power of two; default from the data size (:func:`choose_num_shards`).
         split: output split name; for Cityscapes also the folder read (default "train"; "val", "test").
         on_bad_sample: "raise" (default) or "skip" (bad pairs are listed in the card).
         push_to_hub: a dataset repo id to upload the folder to (checked before any work).
         private: create the Hub repo private.
     """
-    if kind not in LAYOUTS:
-        raise ValueError(f"unknown dataset {kind!r}; expected one of {sorted(LAYOUTS)}")
+    if kind not in DOWNLOADS:
+        raise ValueError(f"unknown dataset {kind!r}; expected one of {sorted(DOWNLOADS)}")
     if on_bad_sample not in ("raise", "skip"):
         raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected 'raise' or 'skip'")
-    num_classes = num_classes or DEFAULT_NUM_CLASSES[kind]
+    num_classes = num_classes or dataset_spec(kind).default_num_classes
     protocols.class_names(num_classes)  # validates
     if num_shards is not None and not _is_power_of_two(num_shards):
         raise ValueError(f"num_shards={num_shards} must be a power of two (1, 2, 4, ...)")
@@ -171,7 +171,13 @@ def prepare_dataset(
     totals = _Accumulator(len(lut), known)
     totals.bad.extend(bad)
     converted_stream = iter(
-        _progress(iter_converted(kind, kept, num_classes, num_proc), len(kept), f"writing {kind}", progress)
+        progress_bar(
+            iter_converted(kind, kept, num_classes, num_proc),
+            progress,
+            f"writing {kind}",
+            total=len(kept),
+            unit="sample",
+        )
     )
 
     def rows(count: int):
@@ -222,14 +228,11 @@ def _update_info(output_dir: Path, split: str, report: DataReport, num_shards: i
     return info
 
 
-_SOURCE_NAMES = {"gta5": "GTA5", "synthia": "SYNTHIA-RAND-CITYSCAPES", "cityscapes": "Cityscapes"}
-
-
 def render_card(info: dict) -> str:
     """The dataset card (README.md) for the splits recorded in ``info`` (the content of cpsl_prepare.json)."""
     kind, num_classes = info["dataset"], info["num_classes"]
     names = protocols.class_names(num_classes)
-    source = _SOURCE_NAMES[kind]
+    source = dataset_spec(kind).long_name
     yaml_splits = "\n".join(
         f"  - split: {split}\n    path: data/{split}-*.parquet" for split in sorted(info["splits"])
     )

@@ -29,8 +29,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +38,11 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from PIL import Image
 
+from cpsl_hf.utils import atomic_directory
+from cpsl_hf.utils import progress as progress_bar
+
 from . import protocols
+from .registry import DATASET_SPECS, DOWNLOADS
 
 logger = logging.getLogger(__name__)
 
@@ -49,21 +51,8 @@ OnBadSample = Literal["raise", "skip"]
 
 _READER_VERSION = "1"  # bump when the conversion changes, so stale caches are not reused
 
-#: The folder layout each reader expects (quoted in errors).
-LAYOUTS: dict[str, str] = {
-    "gta5": (
-        "GTA5: DATA_DIR/images/*.png and DATA_DIR/labels/*.png with the same file names "
-        "(labels are palette PNGs whose indices are Cityscapes label ids)"
-    ),
-    "synthia": (
-        "SYNTHIA-RAND-CITYSCAPES: DATA_DIR/RGB/*.png and DATA_DIR/GT/LABELS/*.png with the same file names "
-        "(labels are 16-bit PNGs with the class id in the first channel)"
-    ),
-    "cityscapes": (
-        "Cityscapes: DATA_DIR/leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
-        "DATA_DIR/gtFine/{split}/{city}/*_gtFine_labelIds.png"
-    ),
-}
+#: The folder layout each reader expects (quoted in errors), from the dataset registry.
+LAYOUTS: dict[str, str] = {name: DATASET_SPECS[name].layout for name in DOWNLOADS}
 
 #: Every id of the Cityscapes label table (GTA5 uses the same ids); other ids are "outside the table".
 CITYSCAPES_TABLE_IDS: frozenset[int] = frozenset(label.id for label in _CITYSCAPES_LABELS if label.id >= 0)
@@ -487,12 +476,6 @@ def _convert_job(job) -> _Converted:
     return convert_pair(*job)
 
 
-def _progress(iterable, total: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=description, unit="sample", disable=not enabled)
-
-
 def _check_on_bad_sample(on_bad_sample: str) -> None:
     if on_bad_sample not in ("raise", "skip"):
         raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected 'raise' or 'skip'")
@@ -555,13 +538,15 @@ def _build_cache(kind, pairs, orphans, num_classes, on_bad_sample, report, targe
     lut, known = _label_lut(kind, num_classes)
     totals = _Accumulator(len(lut), known)
     totals.bad.extend(orphans)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # Written beside the cache folder and renamed into place: a reader never sees a half-written cache.
+    with atomic_directory(target) as staging:
         rows: list[dict] = []
         with pa.OSFile(str(staging / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             converted_stream = iter_converted(kind, pairs, num_classes, num_proc)
-            for converted in _progress(converted_stream, len(pairs), f"converting {kind} labels", progress):
+            converting = progress_bar(
+                converted_stream, progress, f"converting {kind} labels", total=len(pairs), unit="sample"
+            )
+            for converted in converting:
                 totals.add(converted)
                 if converted.bad is None:
                     rows.append(_example(converted.name, converted.image_path, converted.label_png))
@@ -577,12 +562,6 @@ def _build_cache(kind, pairs, orphans, num_classes, on_bad_sample, report, targe
         report.skipped, report.num_kept = totals.bad, totals.kept
         totals.fill(report)
         (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _example(name: str, image_path: str, label_png: bytes) -> dict:
@@ -600,7 +579,9 @@ def check_pairs(kind, pairs, orphans, on_bad_sample, num_proc, progress) -> tupl
     ``bad`` is ``orphans`` plus every failing pair; with ``on_bad_sample="raise"`` any bad sample raises one
     :class:`BadSampleError` that lists them all.
     """
-    checked = _progress(_iter_checked(kind, pairs, num_proc), len(pairs), f"checking {kind}", progress)
+    checked = progress_bar(
+        _iter_checked(kind, pairs, num_proc), progress, f"checking {kind}", total=len(pairs), unit="sample"
+    )
     bad = orphans + [result for result in checked if result is not None]
     if bad and on_bad_sample == "raise":
         raise BadSampleError(kind, bad)
@@ -744,17 +725,6 @@ def load_cityscapes(
 
 for _reader in (load_gta5, load_synthia, load_cityscapes):
     _reader.__doc__ += _COMMON_DOC
-
-
-def load_dataset_by_name(kind: DatasetKind, data_dir, split: str = "train", **kwargs):
-    """Dispatch to :func:`load_gta5`, :func:`load_synthia` or :func:`load_cityscapes` by name."""
-    if kind == "gta5":
-        return load_gta5(data_dir, **kwargs)
-    if kind == "synthia":
-        return load_synthia(data_dir, **kwargs)
-    if kind == "cityscapes":
-        return load_cityscapes(data_dir, split=split, **kwargs)
-    raise ValueError(f"unknown dataset {kind!r}; expected one of {sorted(LAYOUTS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------

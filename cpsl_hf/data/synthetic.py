@@ -32,13 +32,13 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from cpsl_hf.utils import atomic_directory
 
 from .protocols import CITYSCAPES_CLASSES
 
@@ -966,6 +966,11 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "cpsl_hf") / "synthetic"
 
 
+def _is_saved_dataset(folder: Path) -> bool:
+    """True when ``folder`` holds a split saved by ``save_to_disk`` (folders only appear complete: renamed)."""
+    return (folder / "dataset_info.json").is_file()
+
+
 def load_synthetic(
     domain: str = "source",
     split: str = "train",
@@ -1000,7 +1005,7 @@ def load_synthetic(
     key = generator_fingerprint(domain, split, num_images, image_size, seed, variant)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"{domain}-{split}-{key}"
-    if (target / "dataset_info.json").is_file():
+    if _is_saved_dataset(target):
         return datasets.load_from_disk(str(target))
 
     images, labels, names = generate_synthetic(domain, split, num_images, image_size, seed, variant)
@@ -1015,16 +1020,8 @@ def load_synthetic(
         },
         features=features,
     )
-    root.mkdir(parents=True, exist_ok=True)
-    # Write to a private folder, then rename: concurrent callers never see a half-written split.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
+    # Written to a private folder, then renamed: concurrent callers never see a half-written split. When
+    # another process finished first, its copy (same parameters, byte-identical) is kept.
+    with atomic_directory(target, keep_existing=_is_saved_dataset) as scratch:
         dataset.save_to_disk(str(scratch))
-        try:
-            os.replace(scratch, target)
-        except OSError:  # another process finished first: its copy is identical
-            if not (target / "dataset_info.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return datasets.load_from_disk(str(target))

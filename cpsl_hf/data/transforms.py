@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .protocols import IGNORE_INDEX  # re-exported: the label value of ignored pixels
+
 __all__ = [
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
@@ -60,7 +62,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 # FixMatch's RandAugment pool (cutout is applied separately, always, as in FixMatch).
 RANDAUGMENT_OPS = (

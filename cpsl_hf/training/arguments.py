@@ -30,18 +30,16 @@ from typing import Any, Literal
 
 import yaml
 
-KNOWN_DATASETS = ("synthetic", "gta5", "synthia", "cityscapes")
-"""Dataset names with a built-in reader; anything else must be a prepared folder or a Hub repo id."""
+from cpsl_hf.data import registry
 
-SUPPORTED_NUM_CLASSES = {
-    "synthetic": (19,),
-    "gta5": (19, 16, 13),
-    "synthia": (16, 13),
-    "cityscapes": (19, 16, 13),
-}
-"""Label protocols each built-in reader can produce."""
+KNOWN_DATASETS = registry.TRAINING_DATASETS
+"""Dataset names ``--source`` / ``--target`` accept (from the registry); anything else must be a prepared folder
+or a Hub repo id."""
 
-_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SUPPORTED_NUM_CLASSES = {name: registry.dataset_spec(name).num_classes for name in KNOWN_DATASETS}
+"""Label protocols each of those datasets provides (from the registry)."""
+
+_HUB_REPO_ID = registry.HUB_REPO_ID
 
 
 class ConfigurationError(ValueError):
@@ -553,14 +551,9 @@ def default_output_dir(args: RunArguments) -> str:
 
 
 def dataset_kind(name: str) -> str:
-    """``name`` -> one of KNOWN_DATASETS, ``"prepared_dir"`` (a local folder) or ``"hub"`` (a repo id)."""
-    if name in KNOWN_DATASETS:
-        return name
-    if os.path.isdir(name):
-        return "prepared_dir"
-    if _HUB_REPO_ID.match(name):
-        return "hub"
-    return "unknown"
+    """``name`` -> one of KNOWN_DATASETS, ``"prepared_dir"`` (a local folder), ``"hub"`` (a repo id) or
+    ``"unknown"`` (:func:`cpsl_hf.data.registry.dataset_kind` over the names the trainer accepts)."""
+    return registry.dataset_kind(name, KNOWN_DATASETS)
 
 
 def _check_dataset(flag: str, name: str, directory: str | None, num_classes: int) -> None:
@@ -570,7 +563,7 @@ def _check_dataset(flag: str, name: str, directory: str | None, num_classes: int
             f"--{flag}: unknown dataset {name!r}; expected one of {', '.join(KNOWN_DATASETS)}, "
             "a folder written by scripts/prepare_dataset.py, or a Hub dataset repo id (owner/name)"
         )
-    if kind in ("gta5", "synthia", "cityscapes"):
+    if kind in KNOWN_DATASETS and registry.dataset_spec(kind).needs_data_dir:
         if directory is None:
             raise ConfigurationError(f"--{flag}_dir: --{flag} {name} needs the dataset's local folder")
         if not os.path.isdir(directory):

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from cpsl_hf.data.protocols import IGNORE_INDEX
 from cpsl_hf.data.transforms import ViewGeometry, warp_to_view
 from cpsl_hf.evaluation import confusion_counts, confusion_rates
 
-IGNORE_INDEX = 255
 KINDS = ("p_st", "p_sl", "pseudo_labels")
 
 
