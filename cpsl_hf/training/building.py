@@ -10,41 +10,34 @@ from torch import nn
 from cpsl_hf.data import protocols
 from cpsl_hf.data.protocols import IGNORE_INDEX
 
-from .arguments import RunArguments, dataset_kind
+from .arguments import RunArguments
 
 
 def load_domain_dataset(args: RunArguments, domain: str, split: str):
-    """The ``datasets.Dataset`` of ``--source`` (domain "source") or ``--target`` (domain "target").
+    """The ``datasets.Dataset`` of ``--source`` (domain "source") or ``--target`` (domain "target"), read through
+    the dataset registry (:func:`cpsl_hf.data.registry.load_dataset`).
 
     ``split`` is "train" or the target's validation split name. Built-in names use their reader; anything
     else is a prepared folder or Hub repo read by ``load_prepared``.
     """
-    from cpsl_hf import data as cpsl_data
+    from cpsl_hf.data.registry import dataset_spec, load_dataset
 
     data = args.data
     name = getattr(data, domain)
-    directory = getattr(data, f"{domain}_dir")
-    kind = dataset_kind(name)
-    if kind == "synthetic":
-        is_val = split != "train"
-        return cpsl_data.load_synthetic(
-            domain=domain,
-            split="validation" if is_val else "train",
-            num_images=data.synthetic_val_images if is_val else data.synthetic_train_images,
-            image_size=tuple(data.synthetic_image_size),
-            seed=data.synthetic_seed,
-            cache_dir=data.synthetic_cache_dir,
-            variant=data.synthetic_variant,
-        )
-    if kind == "gta5":
-        return cpsl_data.load_gta5(directory, num_classes=data.num_classes, streaming=data.streaming)
-    if kind == "synthia":
-        return cpsl_data.load_synthia(directory, num_classes=data.num_classes, streaming=data.streaming)
-    if kind == "cityscapes":
-        return cpsl_data.load_cityscapes(
-            directory, split=split, num_classes=data.num_classes, streaming=data.streaming
-        )
-    return cpsl_data.load_prepared(name, split=split, streaming=data.streaming)
+    directory = getattr(data, f"{domain}_dir") if dataset_spec(name).needs_data_dir else None
+    return load_dataset(
+        name,
+        directory,
+        split,
+        num_classes=data.num_classes,
+        streaming=data.streaming,
+        domain=domain,
+        num_images=data.synthetic_train_images if split == "train" else data.synthetic_val_images,
+        image_size=tuple(data.synthetic_image_size),
+        seed=data.synthetic_seed,
+        cache_dir=data.synthetic_cache_dir,
+        variant=data.synthetic_variant,
+    )
 
 
 def peek_dataset(dataset, count: int = 4) -> tuple[tuple[int, int], int | None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -16,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from cpsl_hf.data.registry import DATASETS, dataset_spec
+from cpsl_hf.utils import format_percent
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -151,8 +153,7 @@ def write_card(trainer: Trainer, metrics: dict[str, Any], info: dict[str, Any]) 
 
     args = trainer.args
     data, training = args.data, args.training
-    source = DATASET_DISPLAY_NAMES.get(data.source, data.source)
-    target = DATASET_DISPLAY_NAMES.get(data.target, data.target)
+    source, target = (_display_name(name) for name in (data.source, data.target))
     backbone = info["backbone"]
     card_info = {
         "model_name": trainer.output_dir.name,
@@ -218,30 +219,18 @@ def summary_table(trainer: Trainer) -> str:
         "|---|" + "---:|" * len(columns),
     ]
     for index, name in enumerate(names):
-        cells = [percent(metrics["per_category_iou"][index]) for _, metrics in columns]
+        cells = [format_percent(metrics["per_category_iou"][index]) for _, metrics in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{percent(m['mean_iou'])}**" for _, m in columns) + " |")
+    lines.append(
+        "| **mIoU** | " + " | ".join(f"**{format_percent(m['mean_iou'])}**" for _, m in columns) + " |"
+    )
     if trainer.num_classes == 16:
-        lines.append("| mIoU (13) | " + " | ".join(percent(m.get("mean_iou_13")) for _, m in columns) + " |")
+        lines.append(
+            "| mIoU (13) | " + " | ".join(format_percent(m.get("mean_iou_13")) for _, m in columns) + " |"
+        )
     return "\n".join(lines)
 
 
-def percent(value) -> str:
-    return (
-        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
-    )
-
-
-def json_ready(value):
-    """Tensors and arrays to lists, NaN to None (JSON has no NaN), recursively."""
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(item) for item in value]
-    if isinstance(value, torch.Tensor):
-        return json_ready(value.tolist())
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+def _display_name(name: str) -> str:
+    """GTA5, SYNTHIA, Cityscapes, synthetic; a prepared folder or Hub id as it is."""
+    return dataset_spec(name).display_name if name in DATASETS else name

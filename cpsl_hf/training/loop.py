@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cpsl_hf.data import protocols
+from cpsl_hf.utils import autocast_dtype, json_ready, progress
 
 from . import export
 from .arguments import RunArguments, validate_against_datasets
@@ -189,7 +190,7 @@ class Trainer:
     def progress(self, iterable, description: str):
         """``iterable`` with a progress bar on the main process when ``--progress_bar``."""
         enabled = self.accelerator.is_main_process and self.args.training.progress_bar
-        return _progress(iterable, enabled, description)
+        return progress(iterable, enabled, description, leave=False)
 
     def _one_pass_loader(self, dataset, resize):
         from cpsl_hf.data.loading import build_eval_loader
@@ -329,29 +330,30 @@ class Trainer:
             self.restore(checkpoint)
         total = self.total_steps
         stop = total if training.stop_at_step is None else min(training.stop_at_step, total)
-        progress = _progress_bar(total, self.step, accelerator.is_main_process and training.progress_bar)
+        enabled = accelerator.is_main_process and training.progress_bar
+        bar = progress(None, enabled, "train", total=total, initial=self.step)
         window = LogWindow()
         self.model.train()
         while self.step < stop:
             stage = self.stage_at(self.step)
             if not stage.started:
                 self.start_stage(stage)
-            if progress is not None:
-                progress.set_description(stage.name)
+            if bar is not None:
+                bar.set_description(stage.name)
             output, images = self.micro_step(stage)
             window.add(output.losses, images)
             if not accelerator.sync_gradients:
                 continue
             self.optimisation_step_done(stage)
             window.steps += 1
-            if progress is not None:
-                progress.update(1)
+            if bar is not None:
+                bar.update(1)
             if self.step % training.logging_steps == 0 or self.step == stop:
-                self._log_window(window, stage, progress)
+                self._log_window(window, stage, bar)
                 window = LogWindow()
             self._after_step(stage, stop)
-        if progress is not None:
-            progress.close()
+        if bar is not None:
+            bar.close()
         return self._end_run(stop)
 
     def _after_step(self, stage: Stage, stop: int) -> None:
@@ -385,7 +387,7 @@ class Trainer:
             accelerator.end_training()
         return self.history
 
-    def _log_window(self, window: LogWindow, stage: Stage, progress) -> None:
+    def _log_window(self, window: LogWindow, stage: Stage, bar) -> None:
         """Average the device-side sums over the window and processes: the only host sync of the loop."""
         if not window.sums or window.steps == 0:
             return
@@ -401,8 +403,8 @@ class Trainer:
         images = window.images * self.accelerator.num_processes
         logs["images_per_second"] = images / max(time.time() - window.started, 1e-9)
         self.accelerator.log(logs, step=self.step)
-        if progress is not None:
-            progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
         elif self.accelerator.is_main_process:
             formatted = ", ".join(f"{key} {value:.4g}" for key, value in logs.items())
             logger.info("step %d/%d (%s): %s", self.step, self.total_steps, stage.name, formatted)
@@ -414,7 +416,7 @@ class Trainer:
 
         training = self.args.training
         results = {}
-        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(training.mixed_precision)
+        autocast = autocast_dtype(training.mixed_precision)
         for who, network in stage.evaluation_networks().items():
             with torch.random.fork_rng(devices=[]):  # evaluating never changes the training's random stream
                 metrics = evaluate_model(
@@ -425,7 +427,7 @@ class Trainer:
                     autocast_dtype=autocast,
                     progress=self.accelerator.is_main_process and training.progress_bar,
                 )
-            results[who] = export.json_ready(metrics)
+            results[who] = json_ready(metrics)
         if self.accelerator.is_main_process and training.save_predictions > 0:
             # A few image | ground truth | prediction strips per evaluation, to look at how adaptation goes.
             export.save_predictions(
@@ -548,22 +550,6 @@ def _flat_config(args: RunArguments) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{group}/{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
-
-
-def _progress(iterable, enabled: bool, description: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
 
 
 __all__ = ["LogWindow", "Trainer", "train"]
