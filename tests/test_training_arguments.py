@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 
 from cpsl_hf.training.arguments import (
+    SECTIONS,
+    AdversarialWarmupArguments,
     ConfigurationError,
+    CPSLArguments,
+    DistillArguments,
+    UDATrainingArguments,
     parse_args,
     validate_against_datasets,
 )
@@ -99,6 +104,28 @@ def test_bad_configuration_names_the_argument(argv, named):
         parse_args(argv)
     if info.type is ConfigurationError:
         assert named in str(info.value)
+
+
+def test_each_group_validates_itself():
+    for group in SECTIONS.values():
+        group().validate()  # the defaults are valid
+    with pytest.raises(ConfigurationError, match="--distill_threshold 1.5 must lie in"):
+        DistillArguments(distill_threshold=1.5).validate()
+    with pytest.raises(ConfigurationError, match="--discriminator_lr 0 must be positive"):
+        AdversarialWarmupArguments(discriminator_lr=0).validate()
+    with pytest.raises(ConfigurationError, match="--mix_prob 2 must lie in"):
+        CPSLArguments(mix_prob=2).validate()
+    with pytest.raises(ConfigurationError, match="--learning_rate must be positive"):
+        UDATrainingArguments(learning_rate=0).validate()
+    # The groups are the run's attributes and its dict's sections (metrics.json, checkpoints).
+    args = parse_args(["--distill_rounds", "2", "--warmup_adversarial"])
+    assert (
+        list(args.to_dict())
+        == list(SECTIONS)
+        == ["model", "data", "cpsl", "adversarial", "distill", "training"]
+    )
+    assert args.to_dict()["distill"]["distill_rounds"] == 2 and args.adversarial.warmup_adversarial is True
+    assert "distill_rounds" not in args.to_dict()["training"]
 
 
 def test_bad_yaml_values_are_caught(tmp_path):
