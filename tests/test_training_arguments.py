@@ -97,13 +97,28 @@ def test_every_shipped_recipe_parses(name, tmp_path):
         (["--pseudo_label_threshold", "1.0"], "--pseudo_label_threshold"),
         (["--prototype_lr", "0"], "--prototype_lr"),
         (["--bank_size", "-1"], "--bank_size"),
+        # loss weights, temperature and optimisation ranges
+        (["--lambda_sl", "-0.1"], "--lambda_sl"),
+        (["--lambda_reg", "-1"], "--lambda_reg"),
+        (["--lambda_adv", "-0.5"], "--lambda_adv"),
+        (["--sl_temperature", "0"], "--sl_temperature"),
+        (["--head_lr_multiplier", "0"], "--head_lr_multiplier"),
+        (["--cpsl_lr_scale", "-1"], "--cpsl_lr_scale"),
+        (["--weight_decay", "-0.01"], "--weight_decay"),
+        (["--poly_power", "-1"], "--poly_power"),
+        (["--max_grad_norm", "0"], "--max_grad_norm"),
+        (["--sgd_momentum", "1.0"], "--sgd_momentum"),
+        (["--sgd_momentum", "-0.1"], "--sgd_momentum"),
+        (["--adam_betas", "0.9", "1.0"], "--adam_betas"),
+        (["--adam_betas", "-0.1", "0.999"], "--adam_betas"),
+        (["--lr_warmup_steps", "-1"], "--lr_warmup_steps"),
     ],
 )
-def test_bad_configuration_names_the_argument(argv, named):
+def test_bad_configuration_names_the_argument(argv, named, capsys):
     with pytest.raises((ConfigurationError, SystemExit)) as info:
         parse_args(argv)
-    if info.type is ConfigurationError:
-        assert named in str(info.value)
+    message = str(info.value) if info.type is ConfigurationError else capsys.readouterr().err  # argparse's
+    assert named in message
 
 
 def test_each_group_validates_itself():
@@ -113,10 +128,12 @@ def test_each_group_validates_itself():
         DistillArguments(distill_threshold=1.5).validate()
     with pytest.raises(ConfigurationError, match="--discriminator_lr 0 must be positive"):
         AdversarialWarmupArguments(discriminator_lr=0).validate()
-    with pytest.raises(ConfigurationError, match="--mix_prob 2 must lie in"):
-        CPSLArguments(mix_prob=2).validate()
-    with pytest.raises(ConfigurationError, match="--learning_rate must be positive"):
-        UDATrainingArguments(learning_rate=0).validate()
+    with pytest.raises(ConfigurationError, match="--lambda_reg -1 must be >= 0"):
+        CPSLArguments(lambda_reg=-1).validate()
+    with pytest.raises(ConfigurationError, match="--adam_betas"):  # a YAML list can have any length
+        UDATrainingArguments(adam_betas=[0.9]).validate()
+    with pytest.raises(ConfigurationError, match="--weight_decay nan must be >= 0"):
+        UDATrainingArguments(weight_decay=float("nan")).validate()
     # The groups are the run's attributes and its dict's sections (metrics.json, checkpoints).
     args = parse_args(["--distill_rounds", "2", "--warmup_adversarial"])
     assert (

@@ -86,8 +86,9 @@ class ModelArguments:
     )
 
     def validate(self) -> None:
-        """Choices and ``--model_name_or_path`` (a folder or a Hub repo id)."""
+        """Choices, ``--sl_temperature`` and ``--model_name_or_path`` (a folder or a Hub repo id)."""
         _check_choices(self)
+        _positive("sl_temperature", self.sl_temperature)
         path = self.model_name_or_path
         if path is not None and not os.path.isdir(path) and not _HUB_REPO_ID.match(path):
             raise ConfigurationError(f"--model_name_or_path: {path!r} is neither a folder nor a Hub repo id")
@@ -362,7 +363,7 @@ class CPSLArguments:
     mix_prob: float = field(default=0.5, metadata={"help": "Probability of mixing a target image."})
 
     def validate(self) -> None:
-        """Choices, momenta, Sinkhorn and sampling sizes, thresholds, the prototypes' learning rate, and the
+        """Choices, momenta, Sinkhorn and sampling sizes, thresholds, loss weights and learning rate, and the
         options that need self-labeling (not with ``--method mean_teacher``) or every target image (offline P_ST)."""
         _check_choices(self)
         for name in ("ema_momentum", "prior_momentum"):
@@ -383,6 +384,8 @@ class CPSLArguments:
                 f"--init_max_images {self.init_max_images} cannot be combined with --pseudo_labels offline: the "
                 "stored P_ST must cover every target training image (unset --init_max_images)"
             )
+        for name in ("lambda_sl", "lambda_reg"):
+            _non_negative(name, getattr(self, name))
 
     def _check_mean_teacher(self) -> None:
         """The mean-teacher baseline trains no self-labeling head: none of the options that are parts of it."""
@@ -579,8 +582,8 @@ class UDATrainingArguments:
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
 
     def validate(self) -> None:
-        """Choices, stage lengths, batch sizes and intervals, the learning rate, the tracker, the Hub repo id and
-        the checkpoint to resume from."""
+        """Choices, stage lengths, batch sizes and intervals, optimisation, the tracker, the Hub repo id and the
+        checkpoint to resume from."""
         _check_choices(self)
         for name in ("warmup_steps", "cpsl_steps"):
             if getattr(self, name) < 0:
@@ -598,8 +601,7 @@ class UDATrainingArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigurationError(f"--{name} must be >= 1 (or unset)")
-        if self.learning_rate <= 0:
-            raise ConfigurationError("--learning_rate must be positive")
+        self._check_optimisation()
         hub_parts = (self.hub_model_id or "").split("/")
         if self.push_to_hub and (len(hub_parts) != 2 or not all(hub_parts)):
             raise ConfigurationError(
@@ -610,6 +612,21 @@ class UDATrainingArguments:
         resume = self.resume_from_checkpoint
         if resume not in (None, "latest") and not os.path.isdir(resume):
             raise ConfigurationError(f"--resume_from_checkpoint: folder {resume!r} does not exist")
+
+    def _check_optimisation(self) -> None:
+        """Learning rate and its multipliers, weight decay, SGD momentum and Adam betas, schedule, clipping."""
+        if self.learning_rate <= 0:
+            raise ConfigurationError("--learning_rate must be positive")
+        for name in ("head_lr_multiplier", "cpsl_lr_scale"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "poly_power", "lr_warmup_steps"):
+            _non_negative(name, getattr(self, name))
+        _in_unit_interval("sgd_momentum", self.sgd_momentum)
+        betas = self.adam_betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigurationError(f"--adam_betas {betas}: expected two values in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigurationError(f"--max_grad_norm {self.max_grad_norm} must be positive (or unset)")
 
 
 SECTIONS: dict[str, type] = {
