@@ -272,3 +272,8 @@ def test_adversarial_defaults_and_recipe(tmp_path):
     config.write_text("adversarial:\n  warmup_adversarial: true\n  adversarial_loss: vanilla\n")
     args = parse_args(["--config", str(config)])
     assert (args.adversarial.warmup_adversarial, args.adversarial.adversarial_loss) == (True, "vanilla")
+    config.write_text("training:\n  lambda_adv: 0.1\n")  # the warm-up's settings live in adversarial:
+    with pytest.raises(
+        ConfigurationError, match="lambda_adv is in section training: but belongs in section adversarial:"
+    ):
+        parse_args(["--config", str(config)])

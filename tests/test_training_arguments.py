@@ -163,6 +163,48 @@ def test_bad_yaml_values_are_caught(tmp_path):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 
+def test_recipe_sections_hold_their_own_arguments(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    for text, misplaced in (
+        ("training:\n  distill_rounds: 2\n", "distill_rounds is in section training: but belongs in section distill:"),
+        ("model:\n  lambda_sl: 0.2\n", "lambda_sl is in section model: but belongs in section cpsl:"),
+        ("cpsl:\n  warmup_adversarial: true\n", "warmup_adversarial is in section cpsl: but belongs in section adversarial:"),
+        ("distill:\n  warmup_steps: 3\n", "warmup_steps is in section distill: but belongs in section training:"),
+    ):  # fmt: skip
+        config.write_text(text)
+        with pytest.raises(ConfigurationError, match=misplaced):
+            parse_args(["--config", str(config)])
+    config.write_text(
+        "training:\n  lambda_adv: 0.2\n  seed: 3\n  distill_steps: 4\n"
+    )  # every misplaced key is named
+    with pytest.raises(ConfigurationError) as info:
+        parse_args(["--config", str(config)])
+    assert "lambda_adv is in section training:" in str(info.value) and "distill_steps" in str(info.value)
+    assert "seed" not in str(info.value)
+
+
+def test_unknown_recipe_sections_are_refused(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("optimisation:\n  learning_rate: 0.1\n")
+    with pytest.raises(
+        ConfigurationError, match="unknown section 'optimisation'; the sections are model, data"
+    ):
+        parse_args(["--config", str(config)])
+    config.write_text("training: 3\n")
+    with pytest.raises(ConfigurationError, match="section training: expected a mapping"):
+        parse_args(["--config", str(config)])
+
+
+def test_flat_recipe_keys_still_work(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        "warmup_steps: 5\ndistill_rounds: 1\nlambda_adv: 0.2\nlambda_sl: 0.3\ndistill:\n  distill_steps: 4\nadversarial:\n"
+    )
+    args = parse_args(["--config", str(config)])
+    assert (args.training.warmup_steps, args.cpsl.lambda_sl, args.adversarial.lambda_adv) == (5, 0.3, 0.2)
+    assert (args.distill.distill_rounds, args.distill.distill_steps) == (1, 4)
+
+
 def test_synthia_with_19_classes_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="--num_classes 19 disagrees with --source synthia"):
         parse_args(["--source", "synthia", "--source_dir", str(tmp_path)])

@@ -348,6 +348,11 @@ def test_distillation_settings_from_a_recipe(tmp_path):
     config.write_text("distill:\n  distill_rounds: 2\n  distill_source_loss: false\n")
     args = parse_args(["--config", str(config)])
     assert (args.distill.distill_rounds, args.distill.distill_source_loss) == (2, False)
+    config.write_text("training:\n  distill_rounds: 2\n")  # the round's settings live in distill:
+    with pytest.raises(
+        ConfigurationError, match="distill_rounds is in section training: but belongs in section distill:"
+    ):
+        parse_args(["--config", str(config)])
     # Distillation alone (e.g. from a finished CPSL checkpoint) is a run with something to train.
     args = parse_args(["--warmup_steps", "0", "--cpsl_steps", "0", "--distill_rounds", "1"])
     assert [stage.name for stage in build_stages(args)] == ["warmup", "cpsl", "distill1"]

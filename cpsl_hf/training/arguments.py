@@ -670,8 +670,9 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML recipe into a flat ``{argument: value}`` dict.
 
     The file may be flat or grouped in the sections of :data:`SECTIONS` (``model:``, ``data:``, ``cpsl:``,
-    ``adversarial:``, ``distill:``, ``training:``); every key must be a known argument. Raises
-    :class:`ConfigurationError` naming ``--config`` or the unknown key.
+    ``adversarial:``, ``distill:``, ``training:``), where each key must be an argument of that section's group.
+    Raises :class:`ConfigurationError` naming ``--config`` and the unknown key or section, or the misplaced key
+    with the section it is in and the one it belongs to.
     """
     path = Path(path)
     if not path.is_file():
@@ -680,18 +681,43 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         content = yaml.safe_load(handle) or {}
     if not isinstance(content, dict):
         raise ConfigurationError(f"--config {path}: expected a mapping of argument names to values")
-    known = _field_names()
-    flat: dict[str, Any] = {}
-    for key, value in content.items():
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    unknown = sorted(set(flat) - set(known))
+    flat = _flatten_sections(path, content)
+    unknown = sorted(set(flat) - set(_field_names()), key=str)
     if unknown:
-        raise ConfigurationError(f"--config {path}: unknown argument(s) {', '.join(unknown)}")
+        raise ConfigurationError(f"--config {path}: unknown argument(s) {', '.join(map(str, unknown))}")
     if "config" in flat:
         raise ConfigurationError(f"--config {path}: a config file cannot name another config")
+    return flat
+
+
+def _flatten_sections(path: Path, content: dict[Any, Any]) -> dict[Any, Any]:
+    """The top-level keys and every section's keys in one dict. A known argument in another group's section, a
+    mapping under a name that is neither a section nor an argument, or a section that is not a mapping, is an
+    error; unknown keys are left for the caller to report."""
+    group_of = _field_names()
+    section_of = {group: section for section, group in SECTIONS.items()}
+    flat: dict[Any, Any] = {}
+    misplaced = []
+    for key, value in content.items():
+        if key not in SECTIONS:
+            if key not in group_of and isinstance(value, dict):
+                raise ConfigurationError(
+                    f"--config {path}: unknown section {key!r}; the sections are {', '.join(SECTIONS)}"
+                )
+            flat[key] = value
+            continue
+        if not isinstance(value, dict | None):
+            raise ConfigurationError(
+                f"--config {path}: section {key}: expected a mapping of arguments to values"
+            )
+        for name, item in (value or {}).items():
+            if name in group_of and group_of[name] is not SECTIONS[key]:
+                misplaced.append(
+                    f"{name} is in section {key}: but belongs in section {section_of[group_of[name]]}:"
+                )
+            flat[name] = item
+    if misplaced:
+        raise ConfigurationError(f"--config {path}: {'; '.join(misplaced)}")
     return flat
 
 
