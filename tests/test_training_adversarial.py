@@ -76,9 +76,11 @@ def test_adversarial_warmup_then_cpsl_exports_a_loadable_model(tmp_path, synthet
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["history"]) == ["warmup", "cpsl"]
-    assert metrics["training"]["arguments"]["training"]["warmup_adversarial"] is True
+    assert metrics["training"]["arguments"]["adversarial"]["warmup_adversarial"] is True
     assert metrics["training"]["warmup_adversarial"] is True
-    assert "2 warm-up (output-space adversarial, weight 0.5) + 2 CPSL" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "2 warm-up (output-space adversarial, weight 0.5) + 2 CPSL" in card
+    assert "| lambda_adv | `0.5` |" in card and "| adversarial_loss | `ls` |" in card
     model = AutoModel.from_pretrained(out)
     exported = trainer.student.state_dict()
     assert model.state_dict().keys() == exported.keys()  # the export is the student alone, no D
@@ -260,13 +262,18 @@ def test_bad_adversarial_settings_name_the_argument(argv, named, capsys):
 
 
 def test_adversarial_defaults_and_recipe(tmp_path):
-    defaults = parse_args([]).training
+    defaults = parse_args([]).adversarial
     assert defaults.warmup_adversarial is False
     assert (defaults.lambda_adv, defaults.adversarial_loss, defaults.discriminator_lr) == (0.01, "ls", 1e-4)
     config = tmp_path / "bad.yaml"
-    config.write_text("training:\n  warmup_adversarial: true\n  adversarial_loss: hinge\n")
+    config.write_text("adversarial:\n  warmup_adversarial: true\n  adversarial_loss: hinge\n")
     with pytest.raises(ConfigurationError, match="--adversarial_loss"):
         parse_args(["--config", str(config)])
-    config.write_text("training:\n  warmup_adversarial: true\n  adversarial_loss: vanilla\n")
+    config.write_text("adversarial:\n  warmup_adversarial: true\n  adversarial_loss: vanilla\n")
     args = parse_args(["--config", str(config)])
-    assert (args.training.warmup_adversarial, args.training.adversarial_loss) == (True, "vanilla")
+    assert (args.adversarial.warmup_adversarial, args.adversarial.adversarial_loss) == (True, "vanilla")
+    config.write_text("training:\n  lambda_adv: 0.1\n")  # the warm-up's settings live in adversarial:
+    with pytest.raises(
+        ConfigurationError, match="lambda_adv is in section training: but belongs in section adversarial:"
+    ):
+        parse_args(["--config", str(config)])

@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 
 from cpsl_hf.training.arguments import (
+    SECTIONS,
+    AdversarialWarmupArguments,
     ConfigurationError,
+    CPSLArguments,
+    DistillArguments,
+    UDATrainingArguments,
     parse_args,
     validate_against_datasets,
 )
@@ -92,13 +97,52 @@ def test_every_shipped_recipe_parses(name, tmp_path):
         (["--pseudo_label_threshold", "1.0"], "--pseudo_label_threshold"),
         (["--prototype_lr", "0"], "--prototype_lr"),
         (["--bank_size", "-1"], "--bank_size"),
+        # loss weights, temperature and optimisation ranges
+        (["--lambda_sl", "-0.1"], "--lambda_sl"),
+        (["--lambda_reg", "-1"], "--lambda_reg"),
+        (["--lambda_adv", "-0.5"], "--lambda_adv"),
+        (["--sl_temperature", "0"], "--sl_temperature"),
+        (["--head_lr_multiplier", "0"], "--head_lr_multiplier"),
+        (["--cpsl_lr_scale", "-1"], "--cpsl_lr_scale"),
+        (["--weight_decay", "-0.01"], "--weight_decay"),
+        (["--poly_power", "-1"], "--poly_power"),
+        (["--max_grad_norm", "0"], "--max_grad_norm"),
+        (["--sgd_momentum", "1.0"], "--sgd_momentum"),
+        (["--sgd_momentum", "-0.1"], "--sgd_momentum"),
+        (["--adam_betas", "0.9", "1.0"], "--adam_betas"),
+        (["--adam_betas", "-0.1", "0.999"], "--adam_betas"),
+        (["--lr_warmup_steps", "-1"], "--lr_warmup_steps"),
     ],
 )
-def test_bad_configuration_names_the_argument(argv, named):
+def test_bad_configuration_names_the_argument(argv, named, capsys):
     with pytest.raises((ConfigurationError, SystemExit)) as info:
         parse_args(argv)
-    if info.type is ConfigurationError:
-        assert named in str(info.value)
+    message = str(info.value) if info.type is ConfigurationError else capsys.readouterr().err  # argparse's
+    assert named in message
+
+
+def test_each_group_validates_itself():
+    for group in SECTIONS.values():
+        group().validate()  # the defaults are valid
+    with pytest.raises(ConfigurationError, match="--distill_threshold 1.5 must lie in"):
+        DistillArguments(distill_threshold=1.5).validate()
+    with pytest.raises(ConfigurationError, match="--discriminator_lr 0 must be positive"):
+        AdversarialWarmupArguments(discriminator_lr=0).validate()
+    with pytest.raises(ConfigurationError, match="--lambda_reg -1 must be >= 0"):
+        CPSLArguments(lambda_reg=-1).validate()
+    with pytest.raises(ConfigurationError, match="--adam_betas"):  # a YAML list can have any length
+        UDATrainingArguments(adam_betas=[0.9]).validate()
+    with pytest.raises(ConfigurationError, match="--weight_decay nan must be >= 0"):
+        UDATrainingArguments(weight_decay=float("nan")).validate()
+    # The groups are the run's attributes and its dict's sections (metrics.json, checkpoints).
+    args = parse_args(["--distill_rounds", "2", "--warmup_adversarial"])
+    assert (
+        list(args.to_dict())
+        == list(SECTIONS)
+        == ["model", "data", "cpsl", "adversarial", "distill", "training"]
+    )
+    assert args.to_dict()["distill"]["distill_rounds"] == 2 and args.adversarial.warmup_adversarial is True
+    assert "distill_rounds" not in args.to_dict()["training"]
 
 
 def test_bad_yaml_values_are_caught(tmp_path):
@@ -117,6 +161,48 @@ def test_bad_yaml_values_are_caught(tmp_path):
         parse_args(["--config", str(config)])
     with pytest.raises(ConfigurationError, match="--config"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_recipe_sections_hold_their_own_arguments(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    for text, misplaced in (
+        ("training:\n  distill_rounds: 2\n", "distill_rounds is in section training: but belongs in section distill:"),
+        ("model:\n  lambda_sl: 0.2\n", "lambda_sl is in section model: but belongs in section cpsl:"),
+        ("cpsl:\n  warmup_adversarial: true\n", "warmup_adversarial is in section cpsl: but belongs in section adversarial:"),
+        ("distill:\n  warmup_steps: 3\n", "warmup_steps is in section distill: but belongs in section training:"),
+    ):  # fmt: skip
+        config.write_text(text)
+        with pytest.raises(ConfigurationError, match=misplaced):
+            parse_args(["--config", str(config)])
+    config.write_text(
+        "training:\n  lambda_adv: 0.2\n  seed: 3\n  distill_steps: 4\n"
+    )  # every misplaced key is named
+    with pytest.raises(ConfigurationError) as info:
+        parse_args(["--config", str(config)])
+    assert "lambda_adv is in section training:" in str(info.value) and "distill_steps" in str(info.value)
+    assert "seed" not in str(info.value)
+
+
+def test_unknown_recipe_sections_are_refused(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("optimisation:\n  learning_rate: 0.1\n")
+    with pytest.raises(
+        ConfigurationError, match="unknown section 'optimisation'; the sections are model, data"
+    ):
+        parse_args(["--config", str(config)])
+    config.write_text("training: 3\n")
+    with pytest.raises(ConfigurationError, match="section training: expected a mapping"):
+        parse_args(["--config", str(config)])
+
+
+def test_flat_recipe_keys_still_work(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        "warmup_steps: 5\ndistill_rounds: 1\nlambda_adv: 0.2\nlambda_sl: 0.3\ndistill:\n  distill_steps: 4\nadversarial:\n"
+    )
+    args = parse_args(["--config", str(config)])
+    assert (args.training.warmup_steps, args.cpsl.lambda_sl, args.adversarial.lambda_adv) == (5, 0.3, 0.2)
+    assert (args.distill.distill_rounds, args.distill.distill_steps) == (1, 4)
 
 
 def test_synthia_with_19_classes_is_refused(tmp_path):

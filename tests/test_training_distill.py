@@ -78,6 +78,9 @@ def test_two_rounds_export_the_last_student(tmp_path, synthetic_cache, capsys):
     assert "distill2 student" in printed  # the "Model (...)" line names what was exported
     card = (out / "README.md").read_text()
     assert "2 x 2 distillation" in card and "distill2 (student)" in card
+    # The hyperparameters table lists the distillation and adversarial groups with the cpsl and training ones.
+    assert "| lambda_distill_kl | `1.0` |" in card and "| distill_rounds | `2` |" in card
+    assert "| warmup_adversarial | `False` |" in card and "| lambda_sl | `0.1` |" in card
 
     model = AutoModel.from_pretrained(out)
     _assert_equal_states(model.state_dict(), trainer.student.state_dict(), "exported vs last student")
@@ -339,16 +342,21 @@ def test_bad_distillation_settings_name_the_argument(argv, named):
 
 def test_distillation_settings_from_a_recipe(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("training:\n  distill_rounds: 2\n  distill_init: imagenet\n")
+    config.write_text("distill:\n  distill_rounds: 2\n  distill_init: imagenet\n")
     with pytest.raises(ConfigurationError, match="--distill_init"):
         parse_args(["--config", str(config)])
-    config.write_text("training:\n  distill_rounds: 2\n  distill_source_loss: false\n")
+    config.write_text("distill:\n  distill_rounds: 2\n  distill_source_loss: false\n")
     args = parse_args(["--config", str(config)])
-    assert (args.training.distill_rounds, args.training.distill_source_loss) == (2, False)
+    assert (args.distill.distill_rounds, args.distill.distill_source_loss) == (2, False)
+    config.write_text("training:\n  distill_rounds: 2\n")  # the round's settings live in distill:
+    with pytest.raises(
+        ConfigurationError, match="distill_rounds is in section training: but belongs in section distill:"
+    ):
+        parse_args(["--config", str(config)])
     # Distillation alone (e.g. from a finished CPSL checkpoint) is a run with something to train.
     args = parse_args(["--warmup_steps", "0", "--cpsl_steps", "0", "--distill_rounds", "1"])
     assert [stage.name for stage in build_stages(args)] == ["warmup", "cpsl", "distill1"]
-    defaults = parse_args([]).training
+    defaults = parse_args([]).distill
     assert (defaults.distill_rounds, defaults.distill_threshold, defaults.distill_init) == (
         0,
         0.95,

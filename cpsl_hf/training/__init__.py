@@ -13,6 +13,8 @@ _EXPORTS = {
     "ModelArguments": "arguments",
     "DataArguments": "arguments",
     "CPSLArguments": "arguments",
+    "AdversarialWarmupArguments": "arguments",
+    "DistillArguments": "arguments",
     "UDATrainingArguments": "arguments",
     "RunArguments": "arguments",
     "parse_args": "arguments",

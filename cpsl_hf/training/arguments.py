@@ -1,19 +1,24 @@
 """Command-line and YAML arguments of the UDA trainer.
 
-Four ``HfArgumentParser`` dataclasses describe a run completely:
+Six ``HfArgumentParser`` dataclasses describe a run completely. Each is an attribute of :class:`RunArguments` and
+a section of a YAML recipe under the same name (:data:`SECTIONS`):
 
-- :class:`ModelArguments`: the network (a preset name, a pretrained encoder, or a full CPSL checkpoint).
-- :class:`DataArguments`: source and target datasets, label protocol, image and crop sizes.
-- :class:`CPSLArguments`: every knob of the CPSL algorithm (SPEC.md), reference values as defaults.
-- :class:`UDATrainingArguments`: schedule, optimiser, precision, logging, checkpoints, export.
+- ``model``: :class:`ModelArguments`, the network (a preset name, a pretrained encoder, or a full CPSL checkpoint).
+- ``data``: :class:`DataArguments`, source and target datasets, label protocol, image and crop sizes.
+- ``cpsl``: :class:`CPSLArguments`, every knob of the CPSL algorithm (SPEC.md), reference values as defaults.
+- ``adversarial``: :class:`AdversarialWarmupArguments`, the optional output-space adversarial warm-up.
+- ``distill``: :class:`DistillArguments`, the optional distillation rounds after the CPSL stage.
+- ``training``: :class:`UDATrainingArguments`, schedule, optimiser, precision, logging, checkpoints, export.
 
+A command-line flag is the field's name, whatever its group (``--warmup_adversarial``, ``--distill_rounds``).
 The dataclass defaults ARE the built-in demo (``configs/synthetic_demo.yaml`` repeats them), so
 ``accelerate launch scripts/train.py`` with no argument runs the synthetic demo. A recipe is loaded with
 ``--config configs/NAME.yaml`` and any command-line flag overrides it (the command line wins).
 
-Configuration that cannot work is rejected before anything is trained, with a message naming the argument:
-:func:`validate_arguments` checks names, ranges and folders; :func:`validate_against_datasets` checks the
-label protocol and crop size against the loaded datasets.
+Configuration that cannot work is rejected before anything is trained, with a message naming the argument: each
+group's ``validate`` checks its own names, ranges and folders, and :func:`validate_arguments` runs them and the
+checks that span groups; :func:`validate_against_datasets` checks the label protocol and crop size against the
+loaded datasets.
 """
 
 from __future__ import annotations
@@ -79,6 +84,14 @@ class ModelArguments:
             "output, signed). None keeps the preset's or the checkpoint's."
         },
     )
+
+    def validate(self) -> None:
+        """Choices, ``--sl_temperature`` and ``--model_name_or_path`` (a folder or a Hub repo id)."""
+        _check_choices(self)
+        _positive("sl_temperature", self.sl_temperature)
+        path = self.model_name_or_path
+        if path is not None and not os.path.isdir(path) and not _HUB_REPO_ID.match(path):
+            raise ConfigurationError(f"--model_name_or_path: {path!r} is neither a folder nor a Hub repo id")
 
 
 @dataclass
@@ -156,6 +169,39 @@ class DataArguments:
     synthetic_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache folder of the generated synthetic datasets."}
     )
+
+    def validate(self) -> None:
+        """Choices, the label protocol, both datasets (name, folder, classes) and the image and crop sizes."""
+        _check_choices(self)
+        if self.num_classes not in (19, 16, 13):
+            raise ConfigurationError(
+                f"--num_classes {self.num_classes}: supported protocols are 19, 16 and 13"
+            )
+        _check_dataset("source", self.source, self.source_dir, self.num_classes)
+        _check_dataset("target", self.target, self.target_dir, self.num_classes)
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Sizes are two positive numbers, the scale range is ordered, crops fit the resized and synthetic images."""
+        for name in ("crop_size", "source_resize", "target_resize", "eval_resize", "synthetic_image_size"):
+            _check_pair(name, getattr(self, name))
+        _check_pair("scale_range", self.scale_range)
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ConfigurationError(f"--scale_range: minimum above maximum ({self.scale_range})")
+        crop_h, crop_w = self.crop_size
+        for name in ("source_resize", "target_resize"):
+            resize = getattr(self, name)
+            if resize is not None and (crop_h > resize[0] or crop_w > resize[1]):
+                raise ConfigurationError(
+                    f"--crop_size {crop_h} {crop_w} is larger than --{name} {resize[0]} {resize[1]}"
+                )
+        if self.source == "synthetic" or self.target == "synthetic":
+            height, width = self.synthetic_image_size
+            if crop_h > height or crop_w > width:
+                raise ConfigurationError(
+                    f"--crop_size {crop_h} {crop_w} is larger than the synthetic images "
+                    f"(--synthetic_image_size {height} {width})"
+                )
 
 
 @dataclass
@@ -316,19 +362,49 @@ class CPSLArguments:
     )
     mix_prob: float = field(default=0.5, metadata={"help": "Probability of mixing a target image."})
 
+    def validate(self) -> None:
+        """Choices, momenta, Sinkhorn and sampling sizes, thresholds, loss weights and learning rate, and the
+        options that need self-labeling (not with ``--method mean_teacher``) or every target image (offline P_ST)."""
+        _check_choices(self)
+        for name in ("ema_momentum", "prior_momentum"):
+            _in_unit_interval(name, getattr(self, name), closed=True)
+        if self.sinkhorn_epsilon <= 0 or self.sinkhorn_iterations < 1:
+            raise ConfigurationError("--sinkhorn_epsilon must be > 0 and --sinkhorn_iterations >= 1")
+        if self.samples_per_image < 1 or self.bank_size < 0:
+            raise ConfigurationError("--samples_per_image must be >= 1 and --bank_size >= 0")
+        _in_unit_interval("rectify_threshold", self.rectify_threshold)
+        _in_unit_interval("mix_prob", self.mix_prob, closed=True)
+        _in_unit_interval("pseudo_label_threshold", self.pseudo_label_threshold)
+        if self.method == "mean_teacher":
+            self._check_mean_teacher()
+        if self.prototype_lr is not None:
+            _positive("prototype_lr", self.prototype_lr)
+        if self.pseudo_labels == "offline" and self.init_max_images is not None:
+            raise ConfigurationError(
+                f"--init_max_images {self.init_max_images} cannot be combined with --pseudo_labels offline: the "
+                "stored P_ST must cover every target training image (unset --init_max_images)"
+            )
+        for name in ("lambda_sl", "lambda_reg"):
+            _non_negative(name, getattr(self, name))
+
+    def _check_mean_teacher(self) -> None:
+        """The mean-teacher baseline trains no self-labeling head: none of the options that are parts of it."""
+        if self.consistency == "reference":
+            raise ConfigurationError(
+                "--consistency reference needs the self-labeling head, which --method mean_teacher does not "
+                "train; use --consistency symmetric or none"
+            )
+        if self.sl_grad_to_student_embeddings or self.sl_logits_branch:
+            raise ConfigurationError(
+                "--sl_grad_to_student_embeddings and --sl_logits_branch are parts of self-labeling; "
+                "--method mean_teacher has none"
+            )
+
 
 @dataclass
-class UDATrainingArguments:
-    """Schedule, optimisation, logging, checkpoints and export."""
+class AdversarialWarmupArguments:
+    """The output-space adversarial warm-up (AdaptSegNet; the reference's ``warm_up`` stage), off by default."""
 
-    config: str | None = field(
-        default=None, metadata={"help": "YAML recipe (configs/NAME.yaml); command-line flags override it."}
-    )
-    output_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where everything is written; default outputs/<source>_to_<target>_<backbone>."},
-    )
-    warmup_steps: int = field(default=1000, metadata={"help": "Source-only warm-up iterations."})
     warmup_adversarial: bool = field(
         default=False,
         metadata={
@@ -357,7 +433,19 @@ class UDATrainingArguments:
             "reference)."
         },
     )
-    cpsl_steps: int = field(default=300, metadata={"help": "CPSL self-training iterations."})
+
+    def validate(self) -> None:
+        """Choices, ``--lambda_adv`` >= 0 and a positive ``--discriminator_lr``. What the adversarial warm-up needs
+        of the other groups (warm-up steps, large enough crops) is checked by :func:`validate_arguments`."""
+        _check_choices(self)
+        _non_negative("lambda_adv", self.lambda_adv)
+        _positive("discriminator_lr", self.discriminator_lr)
+
+
+@dataclass
+class DistillArguments:
+    """Distillation rounds after the CPSL stage (SPEC.md stage 3; the reference's stages 2 and 3), off by default."""
+
     distill_rounds: int = field(
         default=0,
         metadata={
@@ -393,6 +481,41 @@ class UDATrainingArguments:
         default=True,
         metadata={"help": "Keep the source cross-entropy in the distillation rounds (reference)."},
     )
+    distill_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning rates of the distillation rounds relative to the warm-up (the reference trains "
+            "its stages 2 and 3 at 6x the CPSL backbone rate: 6e-4)."
+        },
+    )
+
+    def validate(self) -> None:
+        """Choices, the number and length of the rounds, the hard-label threshold, the KL weight, the lr scale."""
+        _check_choices(self)
+        _non_negative("distill_rounds", self.distill_rounds)
+        if self.distill_rounds > 0 and self.distill_steps < 1:
+            raise ConfigurationError(
+                f"--distill_steps {self.distill_steps}: --distill_rounds {self.distill_rounds} needs "
+                "--distill_steps >= 1"
+            )
+        _in_unit_interval("distill_threshold", self.distill_threshold)
+        _non_negative("lambda_distill_kl", self.lambda_distill_kl)
+        _positive("distill_lr_scale", self.distill_lr_scale)
+
+
+@dataclass
+class UDATrainingArguments:
+    """Schedule, optimisation, logging, checkpoints and export."""
+
+    config: str | None = field(
+        default=None, metadata={"help": "YAML recipe (configs/NAME.yaml); command-line flags override it."}
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where everything is written; default outputs/<source>_to_<target>_<backbone>."},
+    )
+    warmup_steps: int = field(default=1000, metadata={"help": "Source-only warm-up iterations."})
+    cpsl_steps: int = field(default=300, metadata={"help": "CPSL self-training iterations."})
     source_batch_size: int = field(default=8, metadata={"help": "Source images per process and step."})
     target_batch_size: int = field(default=8, metadata={"help": "Target images per process and step."})
     eval_batch_size: int = field(default=8, metadata={"help": "Validation images per process and batch."})
@@ -403,13 +526,6 @@ class UDATrainingArguments:
     )
     cpsl_lr_scale: float = field(
         default=1.0, metadata={"help": "Learning rates of the CPSL stage relative to the warm-up."}
-    )
-    distill_lr_scale: float = field(
-        default=1.0,
-        metadata={
-            "help": "Learning rates of the distillation rounds relative to the warm-up (the reference trains "
-            "its stages 2 and 3 at 6x the CPSL backbone rate: 6e-4)."
-        },
     )
     weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay."})
     sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
@@ -465,24 +581,85 @@ class UDATrainingArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id for --push_to_hub."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
 
+    def validate(self) -> None:
+        """Choices, stage lengths, batch sizes and intervals, optimisation, the tracker, the Hub repo id and the
+        checkpoint to resume from."""
+        _check_choices(self)
+        for name in ("warmup_steps", "cpsl_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"--{name} must be >= 0")
+        for name in (
+            "source_batch_size",
+            "target_batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"--{name} must be >= 1")
+        for name in ("eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_at_step"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigurationError(f"--{name} must be >= 1 (or unset)")
+        self._check_optimisation()
+        hub_parts = (self.hub_model_id or "").split("/")
+        if self.push_to_hub and (len(hub_parts) != 2 or not all(hub_parts)):
+            raise ConfigurationError(
+                f"--push_to_hub needs --hub_model_id USER/NAME (got {self.hub_model_id!r}): the model card "
+                "names the repo in its loading code"
+            )
+        _check_tracker(self.report_to)
+        resume = self.resume_from_checkpoint
+        if resume not in (None, "latest") and not os.path.isdir(resume):
+            raise ConfigurationError(f"--resume_from_checkpoint: folder {resume!r} does not exist")
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, CPSLArguments, UDATrainingArguments)
+    def _check_optimisation(self) -> None:
+        """Learning rate and its multipliers, weight decay, SGD momentum and Adam betas, schedule, clipping."""
+        if self.learning_rate <= 0:
+            raise ConfigurationError("--learning_rate must be positive")
+        for name in ("head_lr_multiplier", "cpsl_lr_scale"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "poly_power", "lr_warmup_steps"):
+            _non_negative(name, getattr(self, name))
+        _in_unit_interval("sgd_momentum", self.sgd_momentum)
+        betas = self.adam_betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigurationError(f"--adam_betas {betas}: expected two values in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigurationError(f"--max_grad_norm {self.max_grad_norm} must be positive (or unset)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "cpsl": CPSLArguments,
+    "adversarial": AdversarialWarmupArguments,
+    "distill": DistillArguments,
+    "training": UDATrainingArguments,
+}
+"""YAML section (and :class:`RunArguments` attribute) -> its argument group, in the order they are parsed."""
+
+ARGUMENT_CLASSES = tuple(SECTIONS.values())
 
 
 @dataclass
 class RunArguments:
-    """All four argument groups of one run."""
+    """All argument groups of one run; each attribute is named as the group's YAML section (:data:`SECTIONS`)."""
 
     model: ModelArguments
     data: DataArguments
     cpsl: CPSLArguments
+    adversarial: AdversarialWarmupArguments
+    distill: DistillArguments
     training: UDATrainingArguments
 
+    def groups(self) -> list[Any]:
+        """The argument groups, in the order of :data:`SECTIONS`."""
+        return [getattr(self, section) for section in SECTIONS]
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Nested plain dict (for metrics.json, trackers and the model card)."""
-        return {
-            name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "cpsl", "training")
-        }
+        """Nested plain dict, one entry per section (for metrics.json, checkpoints, trackers and the model card)."""
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
 
 def _field_names() -> dict[str, type]:
@@ -492,8 +669,10 @@ def _field_names() -> dict[str, type]:
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML recipe into a flat ``{argument: value}`` dict.
 
-    The file may be flat or grouped in sections (``model:``, ``data:``, ``cpsl:``, ``training:``); every key
-    must be a known argument. Raises :class:`ConfigurationError` naming ``--config`` or the unknown key.
+    The file may be flat or grouped in the sections of :data:`SECTIONS` (``model:``, ``data:``, ``cpsl:``,
+    ``adversarial:``, ``distill:``, ``training:``), where each key must be an argument of that section's group.
+    Raises :class:`ConfigurationError` naming ``--config`` and the unknown key or section, or the misplaced key
+    with the section it is in and the one it belongs to.
     """
     path = Path(path)
     if not path.is_file():
@@ -502,18 +681,43 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         content = yaml.safe_load(handle) or {}
     if not isinstance(content, dict):
         raise ConfigurationError(f"--config {path}: expected a mapping of argument names to values")
-    known = _field_names()
-    flat: dict[str, Any] = {}
-    for key, value in content.items():
-        if key in ("model", "data", "cpsl", "training") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    unknown = sorted(set(flat) - set(known))
+    flat = _flatten_sections(path, content)
+    unknown = sorted(set(flat) - set(_field_names()), key=str)
     if unknown:
-        raise ConfigurationError(f"--config {path}: unknown argument(s) {', '.join(unknown)}")
+        raise ConfigurationError(f"--config {path}: unknown argument(s) {', '.join(map(str, unknown))}")
     if "config" in flat:
         raise ConfigurationError(f"--config {path}: a config file cannot name another config")
+    return flat
+
+
+def _flatten_sections(path: Path, content: dict[Any, Any]) -> dict[Any, Any]:
+    """The top-level keys and every section's keys in one dict. A known argument in another group's section, a
+    mapping under a name that is neither a section nor an argument, or a section that is not a mapping, is an
+    error; unknown keys are left for the caller to report."""
+    group_of = _field_names()
+    section_of = {group: section for section, group in SECTIONS.items()}
+    flat: dict[Any, Any] = {}
+    misplaced = []
+    for key, value in content.items():
+        if key not in SECTIONS:
+            if key not in group_of and isinstance(value, dict):
+                raise ConfigurationError(
+                    f"--config {path}: unknown section {key!r}; the sections are {', '.join(SECTIONS)}"
+                )
+            flat[key] = value
+            continue
+        if not isinstance(value, dict | None):
+            raise ConfigurationError(
+                f"--config {path}: section {key}: expected a mapping of arguments to values"
+            )
+        for name, item in (value or {}).items():
+            if name in group_of and group_of[name] is not SECTIONS[key]:
+                misplaced.append(
+                    f"{name} is in section {key}: but belongs in section {section_of[group_of[name]]}:"
+                )
+            flat[name] = item
+    if misplaced:
+        raise ConfigurationError(f"--config {path}: {'; '.join(misplaced)}")
     return flat
 
 
@@ -532,10 +736,8 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     if known.config is not None:
         parser.set_defaults(**load_config_file(known.config))
-    model_args, data_args, cpsl_args, training_args = parser.parse_args_into_dataclasses(
-        args=argv, look_for_args_file=False
-    )
-    args = RunArguments(model_args, data_args, cpsl_args, training_args)
+    groups = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    args = RunArguments(**dict(zip(SECTIONS, groups, strict=True)))
     validate_arguments(args)
     return args
 
@@ -582,31 +784,55 @@ def _check_pair(flag: str, values: list | None, positive: bool = True) -> None:
         raise ConfigurationError(f"--{flag}: expected two positive numbers, got {values}")
 
 
-def _check_choices(args: RunArguments) -> None:
-    """Literal-typed arguments hold one of their choices (values from a YAML file bypass argparse)."""
-    for group in (args.model, args.data, args.cpsl, args.training):
-        for name, hint in typing.get_type_hints(type(group)).items():
-            value = getattr(group, name)
-            optional = type(None) in typing.get_args(hint)
-            if optional:  # Literal[...] | None: None is allowed, any other value must be a choice
-                if value is None:
-                    continue
-                hint = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
-            if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
-                choices = " | ".join(typing.get_args(hint)) + (" (or unset)" if optional else "")
-                raise ConfigurationError(f"--{name} {value!r}: expected one of {choices}")
+def _check_choices(group: Any) -> None:
+    """Literal-typed arguments of ``group`` hold one of their choices (values from a YAML file bypass argparse)."""
+    for name, hint in typing.get_type_hints(type(group)).items():
+        value = getattr(group, name)
+        optional = type(None) in typing.get_args(hint)
+        if optional:  # Literal[...] | None: None is allowed, any other value must be a choice
+            if value is None:
+                continue
+            hint = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
+        if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            choices = " | ".join(typing.get_args(hint)) + (" (or unset)" if optional else "")
+            raise ConfigurationError(f"--{name} {value!r}: expected one of {choices}")
 
 
-def _check_adversarial(args: RunArguments) -> None:
-    """``--warmup_adversarial`` and its knobs (the discriminator needs crops of at least 32 x 32)."""
-    training = args.training
-    if training.lambda_adv < 0:
-        raise ConfigurationError(f"--lambda_adv {training.lambda_adv} must be >= 0")
-    if training.discriminator_lr <= 0:
-        raise ConfigurationError(f"--discriminator_lr {training.discriminator_lr} must be positive")
-    if not training.warmup_adversarial:
+def _non_negative(flag: str, value: float) -> None:
+    if not value >= 0:  # written so that NaN fails too
+        raise ConfigurationError(f"--{flag} {value} must be >= 0")
+
+
+def _positive(flag: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigurationError(f"--{flag} {value} must be positive")
+
+
+def _in_unit_interval(flag: str, value: float, closed: bool = False) -> None:
+    """``value`` in [0, 1) (``closed``: [0, 1])."""
+    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        raise ConfigurationError(f"--{flag} {value} must lie in [0, {'1]' if closed else '1)'}")
+
+
+def _check_tracker(report_to: str) -> None:
+    """The package of ``--report_to`` is installed."""
+    import importlib.util
+
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigurationError("--report_to wandb: the wandb package is not installed")
+    if (
+        report_to == "tensorboard"
+        and importlib.util.find_spec("tensorboard") is None
+        and importlib.util.find_spec("tensorboardX") is None
+    ):
+        raise ConfigurationError("--report_to tensorboard: the tensorboard package is not installed")
+
+
+def _check_adversarial_warmup(args: RunArguments) -> None:
+    """``--warmup_adversarial`` needs warm-up steps, and crops of at least 32 x 32 for the discriminator."""
+    if not args.adversarial.warmup_adversarial:
         return
-    if training.warmup_steps < 1:
+    if args.training.warmup_steps < 1:
         raise ConfigurationError(
             "--warmup_adversarial needs --warmup_steps >= 1 (the discriminator only trains in the warm-up); "
             "pass --warmup_adversarial false to skip it"
@@ -622,130 +848,22 @@ def _check_adversarial(args: RunArguments) -> None:
 def validate_arguments(args: RunArguments) -> None:
     """Reject configurations that cannot work, before anything is built. Fills ``output_dir`` if unset.
 
+    Every group checks itself (its ``validate``); the checks here span groups: what the adversarial warm-up needs
+    of the schedule and the crops, and that the run has something to train.
+
     Raises:
         ConfigurationError: with a message that names the argument (``--source``, ``--crop_size``, ...).
     """
-    data, cpsl, training = args.data, args.cpsl, args.training
-    _check_choices(args)
-    if data.num_classes not in (19, 16, 13):
-        raise ConfigurationError(f"--num_classes {data.num_classes}: supported protocols are 19, 16 and 13")
-    _check_dataset("source", data.source, data.source_dir, data.num_classes)
-    _check_dataset("target", data.target, data.target_dir, data.num_classes)
-    for name in ("crop_size", "source_resize", "target_resize", "eval_resize", "synthetic_image_size"):
-        _check_pair(name, getattr(data, name))
-    _check_pair("scale_range", data.scale_range)
-    if data.scale_range[0] > data.scale_range[1]:
-        raise ConfigurationError(f"--scale_range: minimum above maximum ({data.scale_range})")
-    for name, resize in (("source_resize", data.source_resize), ("target_resize", data.target_resize)):
-        if resize is not None and (data.crop_size[0] > resize[0] or data.crop_size[1] > resize[1]):
-            raise ConfigurationError(
-                f"--crop_size {data.crop_size[0]} {data.crop_size[1]} is larger than --{name} "
-                f"{resize[0]} {resize[1]}"
-            )
-    if data.source == "synthetic" or data.target == "synthetic":
-        height, width = data.synthetic_image_size
-        if data.crop_size[0] > height or data.crop_size[1] > width:
-            raise ConfigurationError(
-                f"--crop_size {data.crop_size[0]} {data.crop_size[1]} is larger than the synthetic images "
-                f"(--synthetic_image_size {height} {width})"
-            )
-    for name in ("warmup_steps", "cpsl_steps"):
-        if getattr(training, name) < 0:
-            raise ConfigurationError(f"--{name} must be >= 0")
-    if training.distill_rounds < 0:
-        raise ConfigurationError(f"--distill_rounds {training.distill_rounds} must be >= 0")
-    _check_adversarial(args)
-    if training.distill_rounds > 0 and training.distill_steps < 1:
-        raise ConfigurationError(
-            f"--distill_steps {training.distill_steps}: --distill_rounds {training.distill_rounds} needs "
-            "--distill_steps >= 1"
-        )
-    if not 0.0 <= training.distill_threshold < 1.0:
-        raise ConfigurationError(f"--distill_threshold {training.distill_threshold} must lie in [0, 1)")
-    if training.lambda_distill_kl < 0:
-        raise ConfigurationError(f"--lambda_distill_kl {training.lambda_distill_kl} must be >= 0")
-    if training.distill_lr_scale <= 0:
-        raise ConfigurationError(f"--distill_lr_scale {training.distill_lr_scale} must be positive")
-    if training.warmup_steps + training.cpsl_steps + training.distill_rounds * training.distill_steps == 0:
+    for group in args.groups():
+        group.validate()
+    _check_adversarial_warmup(args)
+    training, distill = args.training, args.distill
+    if training.warmup_steps + training.cpsl_steps + distill.distill_rounds * distill.distill_steps == 0:
         raise ConfigurationError(
             "--warmup_steps, --cpsl_steps and --distill_rounds are all 0: nothing to train"
         )
-    for name in (
-        "source_batch_size",
-        "target_batch_size",
-        "eval_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-    ):
-        if getattr(training, name) < 1:
-            raise ConfigurationError(f"--{name} must be >= 1")
-    for name in ("eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_at_step"):
-        value = getattr(training, name)
-        if value is not None and value < 1:
-            raise ConfigurationError(f"--{name} must be >= 1 (or unset)")
-    if training.learning_rate <= 0:
-        raise ConfigurationError("--learning_rate must be positive")
-    if not 0.0 <= cpsl.ema_momentum <= 1.0:
-        raise ConfigurationError(f"--ema_momentum {cpsl.ema_momentum} must lie in [0, 1]")
-    if not 0.0 <= cpsl.prior_momentum <= 1.0:
-        raise ConfigurationError(f"--prior_momentum {cpsl.prior_momentum} must lie in [0, 1]")
-    if cpsl.sinkhorn_epsilon <= 0 or cpsl.sinkhorn_iterations < 1:
-        raise ConfigurationError("--sinkhorn_epsilon must be > 0 and --sinkhorn_iterations >= 1")
-    if cpsl.samples_per_image < 1 or cpsl.bank_size < 0:
-        raise ConfigurationError("--samples_per_image must be >= 1 and --bank_size >= 0")
-    if not 0.0 <= cpsl.rectify_threshold < 1.0:
-        raise ConfigurationError(f"--rectify_threshold {cpsl.rectify_threshold} must lie in [0, 1)")
-    if not 0.0 <= cpsl.mix_prob <= 1.0:
-        raise ConfigurationError(f"--mix_prob {cpsl.mix_prob} must lie in [0, 1]")
-    if not 0.0 <= cpsl.pseudo_label_threshold < 1.0:
-        raise ConfigurationError(f"--pseudo_label_threshold {cpsl.pseudo_label_threshold} must lie in [0, 1)")
-    if cpsl.method == "mean_teacher":
-        if cpsl.consistency == "reference":
-            raise ConfigurationError(
-                "--consistency reference needs the self-labeling head, which --method mean_teacher does not "
-                "train; use --consistency symmetric or none"
-            )
-        if cpsl.sl_grad_to_student_embeddings or cpsl.sl_logits_branch:
-            raise ConfigurationError(
-                "--sl_grad_to_student_embeddings and --sl_logits_branch are parts of self-labeling; "
-                "--method mean_teacher has none"
-            )
-    if cpsl.prototype_lr is not None and cpsl.prototype_lr <= 0:
-        raise ConfigurationError(f"--prototype_lr {cpsl.prototype_lr} must be positive")
-    if cpsl.pseudo_labels == "offline" and cpsl.init_max_images is not None:
-        raise ConfigurationError(
-            f"--init_max_images {cpsl.init_max_images} cannot be combined with --pseudo_labels offline: the "
-            "stored P_ST must cover every target training image (unset --init_max_images)"
-        )
-    hub_parts = (training.hub_model_id or "").split("/")
-    if training.push_to_hub and (len(hub_parts) != 2 or not all(hub_parts)):
-        raise ConfigurationError(
-            f"--push_to_hub needs --hub_model_id USER/NAME (got {training.hub_model_id!r}): the model card "
-            "names the repo in its loading code"
-        )
-    if training.report_to == "wandb":
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigurationError("--report_to wandb: the wandb package is not installed")
-    if training.report_to == "tensorboard":
-        import importlib.util
-
-        if (
-            importlib.util.find_spec("tensorboard") is None
-            and importlib.util.find_spec("tensorboardX") is None
-        ):
-            raise ConfigurationError("--report_to tensorboard: the tensorboard package is not installed")
     if training.output_dir is None:
         training.output_dir = default_output_dir(args)
-    resume = training.resume_from_checkpoint
-    if resume not in (None, "latest") and not os.path.isdir(resume):
-        raise ConfigurationError(f"--resume_from_checkpoint: folder {resume!r} does not exist")
-    model_path = args.model.model_name_or_path
-    if model_path is not None and not os.path.isdir(model_path) and not _HUB_REPO_ID.match(model_path):
-        raise ConfigurationError(
-            f"--model_name_or_path: {model_path!r} is neither a folder nor a Hub repo id"
-        )
 
 
 def validate_against_datasets(

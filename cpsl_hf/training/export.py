@@ -103,20 +103,20 @@ def push(model_dir: Path, repo_id: str, private: bool) -> None:
 def training_info(trainer: Trainer, final_stage: str, final_step: int) -> dict[str, Any]:
     """The run's recipe and context, as written to ``metrics.json["training"]``."""
     args = trainer.args
-    training = args.training
+    training, distill = args.training, args.distill
     return {
         "source": args.data.source,
         "target": args.data.target,
         "backbone": args.model.model_name_or_path or args.model.backbone,
         "num_classes": args.data.num_classes,
         "warmup_steps": training.warmup_steps,
-        "warmup_adversarial": training.warmup_adversarial,
+        "warmup_adversarial": args.adversarial.warmup_adversarial,
         "cpsl_steps": training.cpsl_steps,
         "method": args.cpsl.method,
         "pseudo_labels": args.cpsl.pseudo_labels,
-        "distill_rounds": training.distill_rounds,
-        "distill_steps": training.distill_steps if training.distill_rounds else 0,
-        "distill_init": training.distill_init if training.distill_rounds else None,
+        "distill_rounds": distill.distill_rounds,
+        "distill_steps": distill.distill_steps if distill.distill_rounds else 0,
+        "distill_init": distill.distill_init if distill.distill_rounds else None,
         "stages": [{"name": stage.name, "steps": stage.steps} for stage in trainer.stages],
         "seed": training.seed,
         "config": training.config,
@@ -174,11 +174,7 @@ def write_card(trainer: Trainer, metrics: dict[str, Any], info: dict[str, Any]) 
         "mixed_precision": training.mixed_precision,
         "evaluation": "whole image, no flip, at label resolution",
         "training_time_s": info["training_seconds"],
-        "hyperparameters": {
-            key: value
-            for key, value in {**dataclasses.asdict(args.cpsl), **dataclasses.asdict(training)}.items()
-            if isinstance(value, (int, float, str, bool)) and key not in ("output_dir", "config")
-        },
+        "hyperparameters": _hyperparameters(args),
         "num_classes": trainer.num_classes,
         "method": args.cpsl.method,
         "pseudo_labels": args.cpsl.pseudo_labels,
@@ -186,6 +182,18 @@ def write_card(trainer: Trainer, metrics: dict[str, Any], info: dict[str, Any]) 
     if training.hub_model_id:
         card_info["repo_id"] = training.hub_model_id
     return hub.write_model_card(trainer.output_dir, metrics, card_info)
+
+
+def _hyperparameters(args) -> dict[str, Any]:
+    """The card's hyperparameters table: the scalar arguments of the cpsl, adversarial, distill and training
+    groups (argument names are unique across groups)."""
+    groups = (args.cpsl, args.adversarial, args.distill, args.training)
+    return {
+        key: value
+        for group in groups
+        for key, value in dataclasses.asdict(group).items()
+        if isinstance(value, (int, float, str, bool)) and key not in ("output_dir", "config")
+    }
 
 
 def save_predictions(trainer: Trainer, network: nn.Module, out_dir: Path) -> None:

@@ -1,7 +1,8 @@
 """The stages of a run, built from the arguments in one place (:func:`build_stages`).
 
 Adding a stage is one new file with a :class:`Stage` subclass and one builder in :data:`STAGE_BUILDERS` (a
-function ``RunArguments -> list[Stage]``; a builder returns no stage when its stage is not asked for).
+function ``RunArguments -> list[Stage]`` that reads the stage's own argument group, e.g. ``args.distill``; a
+builder returns no stage when its stage is not asked for).
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from .warmup import AdversarialWarmupStage, WarmupStage
 
 
 def warmup_stages(args) -> list[Stage]:
-    training = args.training
-    if training.warmup_adversarial:
+    adversarial, steps = args.adversarial, args.training.warmup_steps
+    if adversarial.warmup_adversarial:
         return [
             AdversarialWarmupStage(
-                training.warmup_steps,
-                lambda_adv=training.lambda_adv,
-                loss_type=training.adversarial_loss,
-                discriminator_lr=training.discriminator_lr,
+                steps,
+                lambda_adv=adversarial.lambda_adv,
+                loss_type=adversarial.adversarial_loss,
+                discriminator_lr=adversarial.discriminator_lr,
             )
         ]
-    return [WarmupStage(training.warmup_steps)]
+    return [WarmupStage(steps)]
 
 
 def adaptation_stages(args) -> list[Stage]:
@@ -43,19 +44,19 @@ def adaptation_stages(args) -> list[Stage]:
 
 
 def distill_stages(args) -> list[Stage]:
-    training = args.training
+    distill = args.distill
     return [
         DistillStage(
             round_index,
-            training.distill_steps,
-            lr_scale=training.distill_lr_scale,
-            init=training.distill_init,
-            threshold=training.distill_threshold,
-            lambda_kl=training.lambda_distill_kl,
-            source_loss=training.distill_source_loss,
+            distill.distill_steps,
+            lr_scale=distill.distill_lr_scale,
+            init=distill.distill_init,
+            threshold=distill.distill_threshold,
+            lambda_kl=distill.lambda_distill_kl,
+            source_loss=distill.distill_source_loss,
             ignore_cutout=args.cpsl.cutout_labels == "ignore",
         )
-        for round_index in range(1, training.distill_rounds + 1)
+        for round_index in range(1, distill.distill_rounds + 1)
     ]
 
 
