@@ -205,6 +205,13 @@ def test_flat_recipe_keys_still_work(tmp_path):
     assert (args.distill.distill_rounds, args.distill.distill_steps) == (1, 4)
 
 
+def test_an_argument_given_twice_in_a_recipe_is_refused(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("lambda_sl: 0.3\ncpsl:\n  lambda_sl: 0.5\n")
+    with pytest.raises(ConfigurationError, match="lambda_sl is given twice; keep one"):
+        parse_args(["--config", str(config)])
+
+
 def test_synthia_with_19_classes_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="--num_classes 19 disagrees with --source synthia"):
         parse_args(["--source", "synthia", "--source_dir", str(tmp_path)])

@@ -704,7 +704,7 @@ def _flatten_sections(path: Path, content: dict[Any, Any]) -> dict[Any, Any]:
                 raise ConfigurationError(
                     f"--config {path}: unknown section {key!r}; the sections are {', '.join(SECTIONS)}"
                 )
-            flat[key] = value
+            _add_once(path, flat, key, value)
             continue
         if not isinstance(value, dict | None):
             raise ConfigurationError(
@@ -715,10 +715,17 @@ def _flatten_sections(path: Path, content: dict[Any, Any]) -> dict[Any, Any]:
                 misplaced.append(
                     f"{name} is in section {key}: but belongs in section {section_of[group_of[name]]}:"
                 )
-            flat[name] = item
+            _add_once(path, flat, name, item)
     if misplaced:
         raise ConfigurationError(f"--config {path}: {'; '.join(misplaced)}")
     return flat
+
+
+def _add_once(path: Path, flat: dict[Any, Any], name: Any, value: Any) -> None:
+    """``flat[name] = value``; a recipe that gives an argument twice (top level and in a section) is an error."""
+    if name in flat:
+        raise ConfigurationError(f"--config {path}: {name} is given twice; keep one")
+    flat[name] = value
 
 
 def parse_args(argv: list[str] | None = None) -> RunArguments:

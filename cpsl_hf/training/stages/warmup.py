@@ -3,8 +3,6 @@ fool an output-space discriminator on target crops (AdaptSegNet; the reference's
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +43,8 @@ class AdversarialWarmupStage(WarmupStage):
     One student forward on the source crop and the target weak view (no labels); logits upsampled (bilinear) to
     the crop size, as the reference does, then softmax ``P`` (N x C x h x w, float32). The student minimises
     ``L_src + lambda_adv L_adv`` (``D``'s parameters frozen in ``L_adv``); ``D`` then takes its own Adam step on
-    ``L_D`` of the detached ``P``, after the student's step (as the reference).
+    ``L_D`` of the detached ``P``, after the student's step (as the reference). ``D``, its Adam and schedule are
+    prepared, so ``accelerator.save_state`` checkpoints them with the student's.
 
     Args:
         steps: warm-up steps.
@@ -111,6 +110,3 @@ class AdversarialWarmupStage(WarmupStage):
 
     def recipe(self) -> str:
         return f"{self.steps} warm-up (output-space adversarial, weight {self.lambda_adv})"
-
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict()  # D, its Adam and schedule travel in accelerator.save_state
