@@ -1,4 +1,6 @@
-"""Test-wide settings: never touch the network, keep torch single-threaded per test worker."""
+"""Test-wide settings (never touch the network, keep torch single-threaded per test worker) and the fixtures the
+test folders share. The folders mirror the package: ``selflabel/``, ``data/``, ``training/``, and the top-level
+modules' tests here."""
 
 import os
 
@@ -11,3 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    """A folder for the synthetic shift's generated splits, shared by the tests of one module (generated once)."""
+    return tmp_path_factory.mktemp("synthetic_cache")

@@ -18,7 +18,7 @@ from cpsl_hf.training.arguments import parse_args
 from cpsl_hf.training.building import build_model
 from cpsl_hf.training.loop import Trainer
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def tiny_argv(output_dir, cache, *extra):

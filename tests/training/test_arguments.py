@@ -16,7 +16,7 @@ from cpsl_hf.training.arguments import (
 )
 from cpsl_hf.training.loop import Trainer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_demo_config_equals_the_defaults():

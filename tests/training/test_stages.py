@@ -30,11 +30,6 @@ from cpsl_hf.training.loop import Trainer
 IGNORE = 255
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic_cache")
-
-
 def _assert_states_equal(
     actual: dict, expected: dict, what: str, rtol: float = 0.0, atol: float = 0.0
 ) -> None:
@@ -172,7 +167,7 @@ IMAGE_MEAN_DRIVER = textwrap.dedent(
     state = {{"student": student_state(trainer), "world": trainer.accelerator.num_processes}}
     torch.save(state, f"{{sys.argv[1]}}/rank{{trainer.accelerator.process_index}}.pt")
     """
-).format(tests=REPOSITORY / "tests")
+).format(tests=REPOSITORY / "tests" / "training")
 
 
 @pytest.mark.slow

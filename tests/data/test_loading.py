@@ -132,7 +132,7 @@ def test_choose_num_shards_is_a_power_of_two():
 
 
 def test_script_end_to_end(tmp_path, gta5_dir, capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
     import prepare_dataset
 
     assert (

@@ -24,11 +24,6 @@ def tiny_argv(output_dir, cache, *extra):
     return shared_tiny_argv(output_dir, cache, "--save_predictions", "0", *extra)
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic_cache")
-
-
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in state.items()}
 

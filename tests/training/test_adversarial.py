@@ -28,11 +28,6 @@ def tiny_argv(output_dir, cache, *extra):
     return shared_tiny_argv(output_dir, cache, "--save_predictions", "0", "--warmup_adversarial", *extra)
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic_cache")
-
-
 def _copy(state):
     return {name: tensor.detach().clone() for name, tensor in state.items()}
 

@@ -24,11 +24,6 @@ from cpsl_hf.selflabel import class_balanced_sample
 IGNORE = 255
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic_cache")
-
-
 def spy_on_self_labeling(trainer):
     """Record every SelfLabelingOutput of the trainer's core."""
     outputs = []

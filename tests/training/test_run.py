@@ -13,12 +13,7 @@ from training_helpers import adaptation, run, run_two_processes, tiny_argv
 from cpsl_hf.training.checkpointing import find_latest_checkpoint
 from cpsl_hf.training.loop import Trainer
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic_cache")
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def test_every_stage_runs_and_exports_a_loadable_model(tmp_path, synthetic_cache, capsys):

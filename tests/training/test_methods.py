@@ -32,11 +32,6 @@ from cpsl_hf.training.views import labels_to_strong_view
 IGNORE = 255
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("synthetic_cache")
-
-
 # ---------------------------------------------------------------------------------------------- mean teacher
 @pytest.mark.parametrize(("quantile", "resolution"), [(None, "crop"), (0.5, "crop"), (0.5, "decode")])
 def test_mean_teacher_trains_on_argmax_p_st_above_its_threshold(
