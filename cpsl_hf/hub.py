@@ -42,6 +42,7 @@ DEFAULT_IGNORE_PATTERNS = (
     "training_state/*",
     "trainer_state/*",
     "checkpoints/*",  # the trainer's resumable checkpoints (cpsl_hf.training.checkpointing)
+    ".cpsl-run.lock",  # the running trainer's claim on its folder (cpsl_hf.training.run_folder)
 )
 
 #: Seconds allowed to connect to / hear back from the Hub on the first request before giving up.

@@ -514,6 +514,13 @@ class UDATrainingArguments:
         default=None,
         metadata={"help": "Where everything is written; default outputs/<source>_to_<target>_<backbone>."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an --output_dir that holds one (its checkpoints are removed first); "
+            "without it such a folder is refused unless the run resumes (--resume_from_checkpoint)."
+        },
+    )
     warmup_steps: int = field(default=1000, metadata={"help": "Source-only warm-up iterations."})
     cpsl_steps: int = field(default=300, metadata={"help": "CPSL self-training iterations."})
     source_batch_size: int = field(default=8, metadata={"help": "Source images per process and step."})

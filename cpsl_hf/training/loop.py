@@ -57,6 +57,7 @@ class Trainer:
         self.pseudo_label_history: dict[str, dict[str, Any]] = {}  # stage -> stage_summary of the monitor
         self.pseudo_label_monitor: PseudoLabelMonitor | None = None
         self.prototype_optimizer = self.prototype_scheduler = None  # W's own (--prototype_optimizer)
+        self.folder_lock = None  # held by the main process while the run trains
         self.step = 0
         self.output_dir = Path(args.training.output_dir)
         self.started = time.time()
@@ -73,6 +74,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.accelerator = accelerator = _make_accelerator(training, self.output_dir)
+        self._claim_output_dir()
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if not accelerator.is_main_process:
             logging.getLogger("cpsl_hf").setLevel(logging.WARNING)
@@ -92,6 +94,31 @@ class Trainer:
             stage.setup(self)
         if training.report_to != "none":
             accelerator.init_trackers("cpsl", config=_flat_config(self.args))
+
+    def _claim_output_dir(self) -> None:
+        """The main process checks the output folder and locks it (:mod:`cpsl_hf.training.run_folder`); every
+        process raises the same error, so none waits for ever on the others."""
+        from accelerate.utils import broadcast_object_list
+
+        from .run_folder import OutputFolderError, RunFolderLock, check_new_run
+
+        training = self.args.training
+        problem = [None]
+        if self.accelerator.is_main_process:
+            try:
+                check_new_run(
+                    self.output_dir,
+                    training.resume_from_checkpoint is not None,
+                    training.overwrite_output_dir,
+                )
+                self.folder_lock = RunFolderLock(self.output_dir)
+                self.folder_lock.acquire()
+            except OutputFolderError as error:
+                problem = [str(error)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(problem)
+        if problem[0] is not None:
+            raise OutputFolderError(problem[0])
 
     def _build_model_and_optimizers(self) -> None:
         """The student, its optimiser (and W's own when ``--prototype_optimizer`` differs) and the schedule.
@@ -321,6 +348,8 @@ class Trainer:
             return self._train()
         finally:  # leave the process as it was (tests and notebooks run several trainings)
             torch.use_deterministic_algorithms(deterministic_before)
+            if self.folder_lock is not None:
+                self.folder_lock.release()
 
     def _train(self) -> dict[str, Any]:
         self.setup()
