@@ -4,13 +4,14 @@ safe to fail (the previous one survives) and pickle-free (every file loads with 
 import json
 import logging
 import shutil
+import textwrap
 
 import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
-from training_helpers import adaptation, run, tiny_argv
+from training_helpers import adaptation, run, run_two_processes, tiny_argv
 
 from cpsl_hf.training.checkpointing import (
     COMPLETE_MARKER,
@@ -231,3 +232,47 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, synthetic_cache, 
     ]  # partial one gone
     assert find_latest_checkpoint(tmp_path) == previous
     assert resolve_checkpoint("latest", tmp_path) == previous
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    from cpsl_hf.training.arguments import parse_args
+    from cpsl_hf.training.loop import Trainer
+
+    trainer = Trainer(parse_args(sys.argv[2:]))
+    trainer.train()
+    state = {"step": trainer.step, "student": trainer.student.state_dict()}
+    torch.save(state, Path(sys.argv[1]) / f"rank{trainer.accelerator.process_index}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_save_verify_and_fall_back_together(tmp_path, synthetic_cache):
+    """2 gloo processes: every rank writes its files into one verified checkpoint; when rank 1's file of the
+    newest is lost, both ranks agree (the main process decides) to resume from the previous one."""
+    run(
+        tiny_argv(tmp_path / "warm", synthetic_cache, "--warmup_steps", "1", "--cpsl_steps", "0")
+    )  # data cache
+    argv = tiny_argv(
+        tmp_path / "ddp", synthetic_cache, "--source_batch_size", "1", "--target_batch_size", "1",
+        "--checkpointing_steps", "1", "--resume_from_checkpoint", "auto",
+    )  # fmt: skip
+    run_two_processes(DRIVER, tmp_path, [*argv, "--stop_at_step", "2"])
+    checkpoints = tmp_path / "ddp" / "checkpoints"
+    manifest = json.loads((checkpoints / "checkpoint-2" / COMPLETE_MARKER).read_text())
+    assert manifest["num_processes"] == 2
+    assert {"process_state_1.pt", "rng_state_1.pt"} <= manifest["files"].keys()
+
+    (checkpoints / "checkpoint-2" / "process_state_1.pt").unlink()
+    result = run_two_processes(DRIVER, tmp_path, argv)
+    assert "skipping checkpoint" in result.stderr and "process_state_1.pt: missing" in result.stderr
+    assert "resuming from" in result.stderr and "checkpoint-1" in result.stderr
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["step"] == rank1["step"] == 4
+    for name, tensor in rank0["student"].items():
+        torch.testing.assert_close(rank1["student"][name], tensor, rtol=0, atol=0, msg=name)
