@@ -171,9 +171,17 @@ def test_a_checkpoint_without_a_file_list_is_not_trusted(run_copy, caplog):
         resolve_checkpoint(str(newest), run_copy)
 
 
-def test_every_file_loads_without_pickle(two_checkpoints):
-    """A downloaded checkpoint folder cannot run code: no file needs unpickling of arbitrary objects."""
-    folder = find_latest_checkpoint(two_checkpoints)
+def test_every_file_loads_without_pickle(tmp_path, synthetic_cache):
+    """A downloaded checkpoint folder cannot run code: no file needs unpickling of arbitrary objects. The run
+    holds every kind of state there is: the adversarial warm-up's discriminator, offline pseudo-labels, the
+    pseudo-label monitor, teacher and self-labeling core (stopped inside the CPSL stage)."""
+    flags = ("--warmup_adversarial", "--pseudo_labels", "offline", "--pseudo_label_diagnostics")
+    argv = tiny_argv(
+        tmp_path, synthetic_cache, *flags, "--save_predictions", "0", "--checkpointing_steps", "1"
+    )
+    run([*argv, "--stop_at_step", "3"])
+    folder = find_latest_checkpoint(tmp_path)
+    assert folder.name == "checkpoint-3"
     manifest = json.loads((folder / COMPLETE_MARKER).read_text())
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert files == sorted([*manifest["files"], COMPLETE_MARKER])
@@ -185,10 +193,11 @@ def test_every_file_loads_without_pickle(two_checkpoints):
         else:
             loaded[name] = torch.load(folder / name, map_location="cpu", weights_only=True)
     assert {"trainer_state.pt", "process_state_0.pt", "rng_state_0.pt", "optimizer.bin"} <= loaded.keys()
-    assert (
-        loaded[TRAINER_STATE]["step"] == 2 and loaded[TRAINER_STATE]["stages"]["warmup"]["finished"] is False
-    )
+    stages = loaded[TRAINER_STATE]["stages"]
+    assert loaded[TRAINER_STATE]["step"] == 3 and stages["cpsl"]["offline_labels"]["names"]
+    assert loaded["process_state_0.pt"]["pseudo_label_monitor"]["totals"]
     assert isinstance(loaded["rng_state_0.pt"]["torch"], torch.Tensor)
+    assert run([*argv, "--resume_from_checkpoint", "latest"]).step == 4  # and it resumes (weights_only loads)
 
 
 def test_auto_starts_fresh_then_resumes_to_the_uninterrupted_result(tmp_path, synthetic_cache, caplog):
