@@ -201,8 +201,11 @@ def test_every_file_loads_without_pickle(tmp_path, synthetic_cache):
 
 
 def test_auto_starts_fresh_then_resumes_to_the_uninterrupted_result(tmp_path, synthetic_cache, caplog):
-    common = ("--deterministic", "--checkpointing_steps", "100", "--resume_from_checkpoint", "auto")
-    uninterrupted = _weights(run(tiny_argv(tmp_path / "straight", synthetic_cache, "--deterministic")))
+    """With gradient accumulation, so that accelerate's micro-step counter (restored from rng_state_0.pt now
+    that its pickled RNG file is gone) is part of the resume."""
+    accumulate = ("--deterministic", "--gradient_accumulation_steps", "2")
+    common = (*accumulate, "--checkpointing_steps", "100", "--resume_from_checkpoint", "auto")
+    uninterrupted = _weights(run(tiny_argv(tmp_path / "straight", synthetic_cache, *accumulate)))
 
     with caplog.at_level(logging.INFO, logger="cpsl_hf"):
         first = run(tiny_argv(tmp_path / "requeued", synthetic_cache, *common, "--stop_at_step", "3"))
