@@ -17,7 +17,10 @@ A checkpoint is a folder ``output_dir/checkpoints/checkpoint-<step>`` holding
 
 Nothing in a checkpoint needs pickle: every ``.pt`` / ``.bin`` file loads with ``torch.load(...,
 weights_only=True)`` (and is loaded that way), the weights with safetensors, so a downloaded checkpoint folder
-cannot run code when it is resumed.
+cannot run code when it is resumed. What accelerate (1.15) itself loads: its ``load`` uses ``weights_only=True``
+(passed explicitly here) and, while it loads, allow-lists a few NumPy reconstructors (``ndarray``, ``dtype``,
+``codecs.encode``) for its RNG file, which is no longer there; it unpickles freely only objects registered with
+``register_for_checkpointing`` and the sampler of loaders it prepared, and this package uses neither.
 
 Everything is first written to ``.checkpoint-<step>.tmp`` and renamed (``os.replace``, atomic on POSIX) only
 after every process finished writing and the manifest exists, so a save killed half-way leaves no folder that
@@ -30,8 +33,8 @@ checksum (:func:`verify_checkpoint`). SHA-256 was measured at 1.1 GB/s on this p
 blake2b 0.5 GB/s, md5 0.6 GB/s), under a second per GB, small next to writing the file, so no weaker checksum
 is used. ``latest`` / ``auto`` take the newest valid checkpoint and skip damaged ones with a warning. A
 checkpoint written before the manifest existed (``COMPLETE`` without a file list) cannot be verified and is
-treated as invalid (skipped with a warning by ``latest`` / ``auto``, refused when named): its RNG states also
-live in the pickle this format no longer reads.
+treated as invalid (skipped with a warning by ``latest`` / ``auto``, refused when named); its RNG states also
+live only in accelerate's pickle.
 """
 
 from __future__ import annotations
