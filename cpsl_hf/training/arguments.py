@@ -562,7 +562,11 @@ class UDATrainingArguments:
     checkpoints_total_limit: int | None = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "A checkpoint folder, or 'latest' (newest complete one in output_dir)."},
+        metadata={
+            "help": "A checkpoint folder, or 'latest' / 'auto' (the same: the newest valid checkpoint in "
+            "output_dir, skipping damaged ones; start fresh when there is none yet, so a requeued job needs no "
+            "edit). A named folder must pass the size and checksum check."
+        },
     )
     stop_at_step: int | None = field(
         default=None,
@@ -617,7 +621,7 @@ class UDATrainingArguments:
             )
         _check_tracker(self.report_to)
         resume = self.resume_from_checkpoint
-        if resume not in (None, "latest") and not os.path.isdir(resume):
+        if resume not in (None, "latest", "auto") and not os.path.isdir(resume):
             raise ConfigurationError(f"--resume_from_checkpoint: folder {resume!r} does not exist")
 
     def _check_optimisation(self) -> None:
