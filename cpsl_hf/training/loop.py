@@ -106,11 +106,7 @@ class Trainer:
         problem = [None]
         if self.accelerator.is_main_process:
             try:
-                check_new_run(
-                    self.output_dir,
-                    training.resume_from_checkpoint is not None,
-                    training.overwrite_output_dir,
-                )
+                check_new_run(self.output_dir, self._resumes(), training.overwrite_output_dir)
                 self.folder_lock = RunFolderLock(self.output_dir)
                 self.folder_lock.acquire()
             except OutputFolderError as error:
@@ -119,6 +115,16 @@ class Trainer:
             broadcast_object_list(problem)
         if problem[0] is not None:
             raise OutputFolderError(problem[0])
+
+    def _resumes(self) -> bool:
+        """Whether this run continues one: a named checkpoint, or ``latest`` / ``auto`` with a checkpoint to take
+        (without one they start a new run, which must not overwrite a finished one)."""
+        from .checkpointing import list_checkpoints
+
+        resume = self.args.training.resume_from_checkpoint
+        if resume in ("latest", "auto"):
+            return bool(list_checkpoints(self.output_dir))
+        return resume is not None
 
     def _build_model_and_optimizers(self) -> None:
         """The student, its optimiser (and W's own when ``--prototype_optimizer`` differs) and the schedule.
@@ -406,7 +412,7 @@ class Trainer:
             if accelerator.is_main_process:
                 print(
                     f"Stopped at step {self.step} of {self.total_steps} (--stop_at_step); resume with "
-                    f"--resume_from_checkpoint latest --output_dir {self.output_dir}"
+                    f"--resume_from_checkpoint auto --output_dir {self.output_dir}"
                 )
             accelerator.end_training()
             return self.history

@@ -85,3 +85,15 @@ def test_a_second_run_into_a_running_folder_is_refused_and_a_killed_runs_lock_is
     _, stderr = third.communicate(timeout=180)
     assert third.returncode == 0, stderr[-3000:]
     assert not (out / LOCK_FILE).exists()
+
+
+def test_auto_without_a_checkpoint_is_a_new_run_and_never_overwrites_a_finished_one(
+    tmp_path, synthetic_cache
+):
+    out = tmp_path / "run"
+    fresh = run(
+        tiny_argv(out, synthetic_cache, "--save_predictions", "0", "--resume_from_checkpoint", "auto")
+    )
+    assert fresh.step == 4 and not list_checkpoints(out)  # nothing to resume: started fresh, no checkpoints
+    with pytest.raises(OutputFolderError, match="holds a run already"):
+        run(tiny_argv(out, synthetic_cache, "--save_predictions", "0", "--resume_from_checkpoint", "auto"))
