@@ -11,7 +11,8 @@ The card (README.md) is rendered from the metrics of ``scripts/evaluate.py --out
 import argparse
 import sys
 
-from cpsl_hf.hub import HubError, publish_checkpoint
+from cpsl_hf.cli import run
+from cpsl_hf.hub import publish_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,22 +37,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        url = publish_checkpoint(
-            args.checkpoint,
-            args.repo_id,
-            metrics_file=args.metrics,
-            training_info_file=args.training_info,
-            private=args.private,
-            token=args.token,
-            commit_message=args.commit_message,
-        )
-    except (HubError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    url = publish_checkpoint(
+        args.checkpoint,
+        args.repo_id,
+        metrics_file=args.metrics,
+        training_info_file=args.training_info,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+    )
     print(url)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
