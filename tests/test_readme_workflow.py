@@ -76,7 +76,7 @@ def test_readme_commands_train_evaluate_predict_publish(tmp_path):
     )
     images = tmp_path / "leftImg8bit" / "val" / "bonn"  # the README's --images leftImg8bit/val
     images.mkdir(parents=True)
-    sizes = {"a_leftImg8bit.png": (40, 24), "b_leftImg8bit.png": (33, 17), "c_leftImg8bit.png": (64, 32)}
+    sizes = {"a_leftImg8bit.png": (64, 48), "b_leftImg8bit.png": (75, 37), "c_leftImg8bit.png": (96, 64)}
     for name, size in sizes.items():
         Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(images / name)
 
