@@ -3,8 +3,9 @@
     python scripts/push_to_hub.py --checkpoint DIR --repo_id USER/NAME [--private] \\
         [--metrics DIR/metrics.json] [--training_info DIR/training_info.json] [--token TOKEN]
 
-The card (README.md) is rendered from the metrics of ``scripts/evaluate.py --output`` (default
-``DIR/metrics.json``); without metrics an existing README.md is pushed as it is. Fails at once, saying why, with
+The card (README.md) is rendered from ``DIR/metrics.json`` (or ``--metrics``): the one a training run writes
+(its ``final`` evaluation) or the output of ``scripts/evaluate.py --output``; without metrics an existing
+README.md is pushed as it is. Fails at once, saying why, with
 ``HF_HUB_OFFLINE=1``, without a token, or without network. The logic lives in :mod:`cpsl_hf.hub`.
 """
 
