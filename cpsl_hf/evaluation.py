@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cpsl_hf.data import protocols, registry
 from cpsl_hf.inference import predict_logits, unwrap_model
-from cpsl_hf.utils import autocast_dtype, format_percent, json_ready
+from cpsl_hf.utils import UsageError, autocast_dtype, format_percent, json_ready
 from cpsl_hf.utils import progress as progress_bar
 
 __all__ = [
@@ -435,19 +435,19 @@ def evaluate_checkpoint(
     from accelerate import Accelerator
 
     from cpsl_hf.data.loading import build_eval_loader
-    from cpsl_hf.inference import load_model
+    from cpsl_hf.inference import load_model, load_model_config
 
     dtype = autocast_dtype(mixed_precision)  # checks the value before anything is loaded
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    segmenter = load_model(model, device=accelerator.device, trust_remote_code=trust_remote_code)
-    model_classes = getattr(segmenter.config, "num_labels", None)
+    # the model's classes are checked from its config, before its weights load
+    model_classes = getattr(load_model_config(model, trust_remote_code=trust_remote_code), "num_labels", None)
     if model_classes != num_classes:
-        raise ValueError(
+        raise UsageError(
             f"--num_classes {num_classes} but the model {model} predicts {model_classes} classes; "
             f"pass --num_classes {model_classes} (19: GTA5 protocol, 16: SYNTHIA protocol)"
         )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with accelerator.main_process_first():  # the main process builds the dataset cache, the others read it
-        data = load_eval_dataset(
+        data = load_eval_dataset(  # before the weights load: a wrong --data_dir fails at once
             dataset,
             data_dir,
             split,
@@ -455,6 +455,7 @@ def evaluate_checkpoint(
             cache_dir,
             progress=progress and accelerator.is_main_process,
         )
+    segmenter = load_model(model, device=accelerator.device, trust_remote_code=trust_remote_code)
     if max_samples is not None:
         data = data.take(max_samples)
     loader = build_eval_loader(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cpsl_hf.data.protocols import class_names as protocol_class_names
-from cpsl_hf.utils import format_percent
+from cpsl_hf.utils import MissingPathError, UsageError, format_percent
 from cpsl_hf.visualization import PREDICTIONS_DIRNAME
 
 #: The template shipped in the repository's top-level ``model_cards/`` folder.
@@ -269,13 +269,21 @@ def validate_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
     """Check that ``checkpoint_dir`` is a folder holding :data:`REQUIRED_CHECKPOINT_FILES`; return it."""
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist or is not a folder")
+        raise MissingPathError(f"--checkpoint {folder}: does not exist or is not a folder")
     for name in REQUIRED_CHECKPOINT_FILES:
         if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"checkpoint folder {folder} has no {name}: save the model with save_pretrained() before pushing"
+            raise MissingPathError(
+                f"--checkpoint {folder}: has no {name}, so it is not a model folder "
+                "(save the model with save_pretrained() before pushing)"
             )
     return folder
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Raise :class:`~cpsl_hf.utils.UsageError` unless ``repo_id`` is ``NAME`` or ``USER/NAME``; return it."""
+    if repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise UsageError(f"--repo_id {repo_id!r}: must be 'NAME' or 'USER/NAME'")
+    return repo_id
 
 
 def check_hub_access(token: str | None = None, endpoint: str | None = None) -> str:
@@ -356,8 +364,7 @@ def push_checkpoint(
     from huggingface_hub import HfApi
 
     folder = validate_checkpoint(checkpoint_dir)
-    if repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"repo_id must be 'NAME' or 'USER/NAME', got {repo_id!r}")
+    check_repo_id(repo_id)
     token = check_hub_access(token, endpoint)
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -371,11 +378,65 @@ def push_checkpoint(
     return str(repo_url)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(path: Path, argument: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {what} {path}: {error}") from error
+        raise UsageError(f"{argument} {path}: cannot read it as JSON ({error})") from error
+    if not isinstance(document, dict):
+        raise UsageError(f"{argument} {path}: expected a JSON object, got {type(document).__name__}")
+    return document
+
+
+def card_inputs(
+    document: Mapping[str, Any], path: str | os.PathLike = METRICS_FILENAME
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, facts about the run)`` for the model card from either ``metrics.json`` layout.
+
+    - ``scripts/evaluate.py --output`` writes the flat dict of :func:`cpsl_hf.evaluation.evaluate_model`
+      (``mean_iou``, ``per_category_iou``, ...): it is the metrics; there are no run facts.
+    - The trainer (:func:`cpsl_hf.training.export.export_run`) writes ``{exported_model, final, history,
+      pseudo_labels, training}``: the metrics are ``final`` (the exported network's last evaluation, without its
+      ``stage`` / ``step``), the run facts come from ``training``.
+
+    Raises :class:`~cpsl_hf.utils.UsageError` naming ``path`` when ``document`` is neither.
+    """
+    if "mean_iou" in document:
+        return dict(document), {}
+    final = document.get("final")
+    if isinstance(final, Mapping) and "mean_iou" in final:
+        metrics = {key: value for key, value in final.items() if key not in ("stage", "step")}
+        return metrics, _run_facts(document.get("training") or {}, document.get("exported_model"))
+    raise UsageError(
+        f"--metrics {path}: neither the output of scripts/evaluate.py (a 'mean_iou' key) nor a training run's "
+        f"metrics.json (a 'final' evaluation with 'mean_iou'); it has keys {sorted(document)}"
+    )
+
+
+def _run_facts(training: Mapping[str, Any], exported_model: str | None) -> dict[str, Any]:
+    """The model card's ``training_info`` from the ``training`` record of a trainer's ``metrics.json``."""
+    from cpsl_hf.data.registry import DATASETS, dataset_spec
+
+    facts: dict[str, Any] = {}
+    for key, card_key in (("source", "source_dataset"), ("target", "target_dataset")):
+        if training.get(key):
+            name = str(training[key])
+            display = dataset_spec(name).display_name if name in DATASETS else name
+            facts[card_key] = f"{display} {key}" if name == "synthetic" else display
+    if training.get("source") and training.get("target"):
+        facts["datasets"] = list(dict.fromkeys([training["source"], training["target"]]))
+    for key in ("seed", "hardware", "method", "pseudo_labels", "num_classes", "config"):
+        if training.get(key) is not None:
+            facts[key] = training[key]
+    if training.get("backbone"):
+        facts["architecture"] = str(training["backbone"])
+    if training.get("final_stage"):
+        facts["stage"] = f"{training['final_stage']} ({exported_model or 'student'})"
+    if training.get("stages"):
+        facts["steps"] = " + ".join(f"{stage['steps']} {stage['name']}" for stage in training["stages"])
+    if training.get("training_seconds") is not None:
+        facts["training_time_s"] = training["training_seconds"]
+    return facts
 
 
 def publish_checkpoint(
@@ -391,29 +452,34 @@ def publish_checkpoint(
 ) -> str:
     """Write the model card from the run's metrics, then :func:`push_checkpoint`; returns the repo URL.
 
-    ``metrics_file`` defaults to ``checkpoint_dir/metrics.json`` (the output of ``scripts/evaluate.py
-    --output``) and ``training_info_file`` to ``checkpoint_dir/training_info.json`` (optional). Without a metrics
+    ``metrics_file`` defaults to ``checkpoint_dir/metrics.json``: the output of ``scripts/evaluate.py --output`` or
+    the ``metrics.json`` a training run writes (either layout, :func:`card_inputs`), and ``training_info_file`` to ``checkpoint_dir/training_info.json`` (optional). Without a metrics
     file an existing ``README.md`` is pushed as it is; with neither, it refuses (a checkpoint needs a card).
     A bare ``NAME`` becomes ``USER/NAME`` (the token's account) before the card is written, since the card's
     loading code names the repository.
     """
     folder = validate_checkpoint(checkpoint_dir)
+    check_repo_id(repo_id)
     metrics_path = Path(metrics_file) if metrics_file is not None else folder / METRICS_FILENAME
     info_path = (
         Path(training_info_file) if training_info_file is not None else folder / TRAINING_INFO_FILENAME
     )
     if metrics_file is not None and not metrics_path.is_file():
-        raise FileNotFoundError(f"metrics file {metrics_path} not found")
+        raise MissingPathError(f"--metrics {metrics_path}: no such file")
     if training_info_file is not None and not info_path.is_file():
-        raise FileNotFoundError(f"training info file {info_path} not found")
+        raise MissingPathError(f"--training_info {info_path}: no such file")
     if metrics_path.is_file():
-        training_info = _read_json(info_path, "training info") if info_path.is_file() else {}
+        metrics, run_facts = card_inputs(_read_json(metrics_path, "--metrics"), metrics_path)
+        training_info = {
+            **run_facts,
+            **(_read_json(info_path, "--training_info") if info_path.is_file() else {}),
+        }
         # The card's loading code names the repo: a bare NAME becomes the USER/NAME create_repo will make.
         if "/" not in repo_id.strip("/"):
             repo_id = f"{hub_user(token, endpoint)}/{repo_id.strip('/')}"
         training_info["repo_id"] = repo_id  # the repo pushed to, whatever an older training_info.json says
         training_info.setdefault("model_name", repo_id.split("/")[-1])
-        write_model_card(folder, _read_json(metrics_path, "metrics"), training_info, template_path)
+        write_model_card(folder, metrics, training_info, template_path)
     elif not (folder / "README.md").is_file():
         raise FileNotFoundError(
             f"{folder} has no README.md and no {METRICS_FILENAME}: evaluate the checkpoint first "

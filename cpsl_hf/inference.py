@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cpsl_hf.data.transforms import normalize, to_float
+from cpsl_hf.utils import MissingPathError, UsageError
 
 __all__ = ["load_model", "predict_logits", "parse_sliding_window", "unwrap_model"]
 
@@ -40,12 +41,64 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def load_model_config(
+    model_name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code: bool = False,
+    argument: str = "--model",
+):
+    """The ``config.json`` of a checkpoint folder or Hub repository (cheap: no weights), e.g. to check its number
+    of classes before loading it.
+
+    Raises:
+        MissingPathError: ``model_name_or_path`` is a path (absolute, or starting with ``.``) that does not exist.
+        UsageError: it is a file, or a local folder that holds no model configuration.
+        OSError: a Hub repository that cannot be read (the message names it and says why).
+        Every message starts with ``argument`` (the script's flag) and the name.
+    """
+    from transformers import AutoConfig
+
+    import cpsl_hf  # noqa: F401  (registers CPSLConfig / CPSLForSemanticSegmentation with the Auto classes)
+
+    name = os.fspath(model_name_or_path)
+    if not os.path.exists(name) and (os.path.isabs(name) or name.startswith(".")):
+        raise MissingPathError(f"{argument} {name}: no such folder")
+    if os.path.isfile(name):
+        raise UsageError(
+            f"{argument} {name}: a file, not a checkpoint folder (save_pretrained writes a folder)"
+        )
+    with _load_errors(name, argument):
+        return AutoConfig.from_pretrained(
+            name, revision=revision, token=token, trust_remote_code=trust_remote_code
+        )
+
+
+@contextlib.contextmanager
+def _load_errors(name: str, argument: str):
+    """Turn ``from_pretrained``'s errors into one-line messages that start with ``argument`` and ``name``."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        if os.path.isdir(name):
+            raise UsageError(f"{argument} {name}: not a model folder ({reason})") from error
+        from cpsl_hf.data.readers import hub_offline
+
+        offline = " HF_HUB_OFFLINE=1 is set, so the Hub is not contacted." if hub_offline() else ""
+        raise OSError(
+            f"{argument} {name}: cannot load model as a Hub repository id (no such local folder): "
+            f"{reason}.{offline}"
+        ) from error
+
+
 def load_model(
     model_name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
     trust_remote_code: bool = False,
+    argument: str = "--model",
 ) -> torch.nn.Module:
     """Load a semantic-segmentation checkpoint from a local folder or a Hub repository id, in eval mode.
 
@@ -54,23 +107,17 @@ def load_model(
     too. ``trust_remote_code=True`` is only needed for foreign architectures.
 
     Raises:
-        OSError: the folder or repository cannot be loaded (the message names it and says why).
+        The errors of :func:`load_model_config` (a missing path, a folder that is not a model, an unreadable
+        Hub repository), each naming ``argument`` and the checkpoint.
     """
     from transformers import AutoModelForSemanticSegmentation
 
-    import cpsl_hf  # noqa: F401  (registers CPSLConfig / CPSLForSemanticSegmentation with the Auto classes)
-
+    config = load_model_config(model_name_or_path, revision, token, trust_remote_code, argument)
     name = os.fspath(model_name_or_path)
-    try:
+    with _load_errors(name, argument):
         model = AutoModelForSemanticSegmentation.from_pretrained(
-            name, revision=revision, token=token, trust_remote_code=trust_remote_code
+            name, config=config, revision=revision, token=token, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as error:
-        where = "local folder" if os.path.isdir(name) else "Hub repository id (no such local folder)"
-        from cpsl_hf.data.readers import hub_offline
-
-        offline = " HF_HUB_OFFLINE=1 is set, so the Hub is not contacted." if hub_offline() else ""
-        raise OSError(f"cannot load model {name!r} as a {where}: {error}.{offline}") from error
     if device is not None:
         model = model.to(device)
     return model.eval()

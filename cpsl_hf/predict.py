@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from cpsl_hf.data.protocols import SUPPORTED_NUM_CLASSES, label_id_lut, train_id_to_label_id
+from cpsl_hf.utils import MissingPathError, UsageError
 from cpsl_hf.utils import progress as progress_bar
 from cpsl_hf.visualization import color_mask, overlay, predict_train_ids, side_by_side
 
@@ -70,6 +71,14 @@ class PredictionReport:
             lines += [f"  {path}: {reason}" for path, reason in self.failures]
         return "\n".join(lines)
 
+    def error_lines(self) -> list[str]:
+        """One ``error: PATH: reason`` line per file that failed (what ``scripts/predict.py`` prints to stderr)."""
+        lines = []
+        for path, reason in self.failures:
+            argument = "--labels" if str(reason).startswith("cannot read label") else "--images"
+            lines.append(f"error: {argument} {path}: {' '.join(str(reason).split())}")
+        return lines
+
 
 def _pairing_key(path: Path) -> str:
     stem = path.stem
@@ -95,17 +104,17 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path
         elif root.exists():
             found.append((root, Path(root.name).with_suffix(".png")))
         else:
-            raise FileNotFoundError(f"--images: {argument!s} does not exist")
+            raise MissingPathError(f"--images {argument!s}: does not exist")
     outputs: dict[Path, Path] = {}
     for path, relpath in found:
         if relpath in outputs and outputs[relpath] != path:
-            raise ValueError(
+            raise UsageError(
                 f"--images: {outputs[relpath]} and {path} would both be written as {relpath}; "
                 "pass their common parent folder instead"
             )
         outputs[relpath] = path
     if not found:
-        raise ValueError(
+        raise UsageError(
             f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {list(map(str, inputs))}"
         )
     return found
@@ -121,11 +130,11 @@ def collect_labels(inputs: Sequence[str | os.PathLike]) -> dict[str, Path]:
         elif root.exists():
             files = [root]
         else:
-            raise FileNotFoundError(f"--labels: {argument!s} does not exist")
+            raise MissingPathError(f"--labels {argument!s}: does not exist")
         for path in files:
             key = _pairing_key(path)
             if key in labels and labels[key] != path:
-                raise ValueError(f"--labels: {labels[key]} and {path} both match images named {key!r}")
+                raise UsageError(f"--labels: {labels[key]} and {path} both match images named {key!r}")
             labels[key] = path
     return labels
 
@@ -212,7 +221,7 @@ def predict(
     Returns:
         A :class:`PredictionReport`; unreadable images and labels are listed in ``failures``, not raised.
     """
-    from cpsl_hf.inference import load_model
+    from cpsl_hf.inference import load_model, load_model_config
 
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
@@ -224,22 +233,26 @@ def predict(
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, torch.nn.Module):
+        config = model.config
+    else:  # the number of classes is checked from the config, before the weights load
+        config = load_model_config(model)
+    model_classes = config.num_labels
+    if num_classes is None:
+        num_classes = model_classes
+    if num_classes != model_classes:
+        raise UsageError(
+            f"--num_classes {num_classes} does not match the model's {model_classes} output classes"
+        )
+    if num_classes not in SUPPORTED_NUM_CLASSES:
+        raise UsageError(
+            f"--model: the model predicts {num_classes} classes; colours and label ids exist only for the "
+            f"{SUPPORTED_NUM_CLASSES}-class Cityscapes protocols"
+        )
     if not isinstance(model, torch.nn.Module):
         model = load_model(model, device=device)
     else:
         model = model.to(device).eval()
-    model_classes = model.config.num_labels
-    if num_classes is None:
-        num_classes = model_classes
-    if num_classes != model_classes:
-        raise ValueError(
-            f"--num_classes {num_classes} does not match the model's {model_classes} output classes"
-        )
-    if num_classes not in SUPPORTED_NUM_CLASSES:
-        raise ValueError(
-            f"the model predicts {num_classes} classes; colours and label ids exist only for the "
-            f"{SUPPORTED_NUM_CLASSES}-class Cityscapes protocols"
-        )
     to_label_ids = train_id_to_label_id(num_classes)
 
     output_dir = Path(output_dir)

@@ -18,12 +18,24 @@ from typing import Any
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "MissingPathError",
+    "UsageError",
     "atomic_directory",
     "autocast_dtype",
     "format_percent",
     "json_ready",
     "progress",
 ]
+
+
+class UsageError(ValueError):
+    """A bad argument value, found before any work starts: a path that is not what it must be, a model that
+    does not fit the data, an empty input. The message starts with the argument (``--model PATH: ...``);
+    the scripts exit with status 2 on it, as ``argparse`` does for its own usage errors (:mod:`cpsl_hf.cli`)."""
+
+
+class MissingPathError(UsageError, FileNotFoundError):
+    """A path argument that does not exist (a :class:`UsageError` that is also a ``FileNotFoundError``)."""
 
 
 def json_ready(value: Any) -> Any:
@@ -86,14 +98,20 @@ def progress(
     Args:
         iterable: what to iterate; ``None`` for a bar advanced by hand with ``.update()`` (then ``None`` is
             returned when disabled).
-        enabled: show the bar (callers pass ``False`` on every process but the main one).
+        enabled: show the bar (callers pass ``False`` on every process but the main one). The Hugging Face
+            stack's ``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides it too.
         description: the bar's label.
         total: number of items (default: ``len(iterable)`` when it has one, else unknown).
         unit: what one item is ("sample", "batch", ...).
         leave: keep the finished bar on screen.
         initial: items already done (a resumed run).
     """
-    if not enabled:
+    if not enabled or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    ):
         return iterable
     from tqdm.auto import tqdm
 

@@ -11,7 +11,9 @@ equal a one-process run. The logic lives in :mod:`cpsl_hf.evaluation`.
 """
 
 import argparse
+import sys
 
+from cpsl_hf.cli import run
 from cpsl_hf.evaluation import DATASETS, DEFAULT_SLIDING_WINDOW, evaluate_checkpoint
 from cpsl_hf.inference import parse_sliding_window
 
@@ -92,4 +94,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

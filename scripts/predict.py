@@ -12,6 +12,7 @@ reported at the end (exit status 1); the other images are still written. The log
 import argparse
 import sys
 
+from cpsl_hf.cli import run
 from cpsl_hf.inference import parse_sliding_window
 from cpsl_hf.predict import FORMATS, LABEL_FORMATS, predict
 
@@ -63,27 +64,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        report = predict(
-            args.model,
-            args.images,
-            args.output_dir,
-            formats=args.formats,
-            labels=args.labels,
-            label_format=args.label_format,
-            num_classes=args.num_classes,
-            flip=args.flip,
-            sliding_window=parse_sliding_window(args.sliding_window),
-            alpha=args.alpha,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(report.summary(), file=sys.stderr if report.failures else sys.stdout)
+    report = predict(
+        args.model,
+        args.images,
+        args.output_dir,
+        formats=args.formats,
+        labels=args.labels,
+        label_format=args.label_format,
+        num_classes=args.num_classes,
+        flip=args.flip,
+        sliding_window=parse_sliding_window(args.sliding_window),
+        alpha=args.alpha,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    for line in report.error_lines():  # one line per unreadable file
+        print(line, file=sys.stderr)
     return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -9,8 +9,9 @@
 import argparse
 import sys
 
+from cpsl_hf.cli import run
 from cpsl_hf.data.prepare import prepare_dataset
-from cpsl_hf.data.readers import LAYOUTS, BadSampleError, LayoutError
+from cpsl_hf.data.readers import LAYOUTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,25 +35,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        result = prepare_dataset(
-            args.dataset,
-            args.data_dir,
-            args.output_dir,
-            num_classes=args.num_classes,
-            num_shards=args.num_shards,
-            split=args.split,
-            on_bad_sample=args.on_bad_sample,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            num_proc=args.num_proc,
-        )
-    except (BadSampleError, LayoutError, ConnectionError, PermissionError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    result = prepare_dataset(
+        args.dataset,
+        args.data_dir,
+        args.output_dir,
+        num_classes=args.num_classes,
+        num_shards=args.num_shards,
+        split=args.split,
+        on_bad_sample=args.on_bad_sample,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        num_proc=args.num_proc,
+    )
     print(result.summary())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -3,15 +3,17 @@
     python scripts/push_to_hub.py --checkpoint DIR --repo_id USER/NAME [--private] \\
         [--metrics DIR/metrics.json] [--training_info DIR/training_info.json] [--token TOKEN]
 
-The card (README.md) is rendered from the metrics of ``scripts/evaluate.py --output`` (default
-``DIR/metrics.json``); without metrics an existing README.md is pushed as it is. Fails at once, saying why, with
+The card (README.md) is rendered from ``DIR/metrics.json`` (or ``--metrics``): the one a training run writes
+(its ``final`` evaluation) or the output of ``scripts/evaluate.py --output``; without metrics an existing
+README.md is pushed as it is. Fails at once, saying why, with
 ``HF_HUB_OFFLINE=1``, without a token, or without network. The logic lives in :mod:`cpsl_hf.hub`.
 """
 
 import argparse
 import sys
 
-from cpsl_hf.hub import HubError, publish_checkpoint
+from cpsl_hf.cli import run
+from cpsl_hf.hub import publish_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,22 +38,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        url = publish_checkpoint(
-            args.checkpoint,
-            args.repo_id,
-            metrics_file=args.metrics,
-            training_info_file=args.training_info,
-            private=args.private,
-            token=args.token,
-            commit_message=args.commit_message,
-        )
-    except (HubError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    url = publish_checkpoint(
+        args.checkpoint,
+        args.repo_id,
+        metrics_file=args.metrics,
+        training_info_file=args.training_info,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+    )
     print(url)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

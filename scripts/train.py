@@ -13,16 +13,14 @@ All logic lives in :mod:`cpsl_hf.training`.
 
 import sys
 
+from cpsl_hf.cli import run
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 from cpsl_hf.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        train(parse_args(argv))
-    except ConfigurationError as error:  # raised before any training step, names the argument
-        sys.exit(f"error: {error}")
+    train(parse_args(argv))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a ConfigurationError (raised before any step, names the argument) exits 2
+    sys.exit(run(main, usage_errors=(ConfigurationError,)))

@@ -151,7 +151,67 @@ def test_model_card_rejects_bad_input_and_uses_template_override(tmp_path):
     assert ModelCard(text).data.eval_results[0].metric_value == METRICS_19["mean_iou"]
 
 
+def test_card_inputs_reads_both_metrics_layouts_and_names_a_file_that_is_neither():
+    flat, facts = hub.card_inputs(METRICS_19)
+    assert flat == METRICS_19 and facts == {}
+    trainer_layout = {
+        "exported_model": "teacher",
+        "final": {"stage": "cpsl", "step": 300, **METRICS_19},
+        "history": {},
+        "pseudo_labels": {},
+        "training": {"source": "gta5", "target": "cityscapes", "seed": 3, "final_stage": "cpsl",
+                     "stages": [{"name": "warmup", "steps": 1000}, {"name": "cpsl", "steps": 300}]},
+    }  # fmt: skip
+    metrics, facts = hub.card_inputs(trainer_layout)
+    assert metrics == METRICS_19  # the final evaluation without its stage and step
+    assert (
+        facts["source_dataset"] == "GTA5" and facts["target_dataset"] == "Cityscapes" and facts["seed"] == 3
+    )
+    assert facts["stage"] == "cpsl (teacher)" and facts["steps"] == "1000 warmup + 300 cpsl"
+    with pytest.raises(
+        hub.UsageError, match=r"--metrics runs/m.json: neither the output of scripts/evaluate.py"
+    ):
+        hub.card_inputs({"accuracy": 0.5}, "runs/m.json")
+
+
 # --------------------------------------------------------------------------------------------------- push
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """The folder a real (tiny) training run exported: its metrics.json has the trainer's layout."""
+    from training.training_helpers import run, tiny_argv
+
+    root = tmp_path_factory.mktemp("trained")
+    run(tiny_argv(root / "run", root / "cache", "--warmup_steps", "1", "--cpsl_steps", "1"))
+    return root / "run"
+
+
+def test_publish_a_training_run_renders_the_card_from_its_final_evaluation(
+    tmp_path, monkeypatch, trained_run
+):
+    """The README's sequence: train, then push the run folder; the card shows the exported model's numbers."""
+    _online(monkeypatch, tmp_path)
+    folder = tmp_path / "run"
+    shutil.copytree(trained_run, folder)
+    document = json.loads((folder / "metrics.json").read_text())
+    assert "mean_iou" not in document and set(document) >= {"exported_model", "final", "training"}
+    final = document["final"]
+    with LocalHub(tmp_path / "server") as server:
+        url = publish_checkpoint(folder, "tester/cpsl-trained", token=TOKEN, endpoint=server.endpoint)
+    assert url == f"{server.endpoint}/tester/cpsl-trained" and server.unexpected == []
+    arrived = server.repo_dir("tester/cpsl-trained")
+    assert (arrived / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    card = ModelCard.load(arrived / "README.md")
+    results = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    assert results["mIoU (19 classes)"] == final["mean_iou"]
+    assert results["Pixel accuracy"] == final["overall_accuracy"]
+    from cpsl_hf.utils import format_percent
+
+    first_class = final["class_names"][0]
+    assert f"| {first_class} | {format_percent(final['per_category_iou'][0])} |" in card.text
+    assert f"{final['stage']} ({document['exported_model']})" in card.text
+    assert 'from_pretrained("tester/cpsl-trained"' in card.text
 
 
 def test_push_script_through_real_client_lands_loadable_files(tmp_path, checkpoint):

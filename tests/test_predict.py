@@ -194,7 +194,7 @@ def test_predict_rejects_protocol_mismatch_and_missing_inputs(tmp_path, checkpoi
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="does not match the model's 19"):
         predict(model, [tmp_path / "a.png"], tmp_path / "out", num_classes=16, progress=False)
-    with pytest.raises(FileNotFoundError, match="nowhere.png does not exist"):
+    with pytest.raises(FileNotFoundError, match="nowhere.png: does not exist"):
         predict(model, [tmp_path / "nowhere.png"], tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="formats must be"):
         predict(model, [tmp_path / "a.png"], tmp_path / "out", formats=["jpeg"], progress=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpsl_hf.utils import UsageError
 from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
@@ -146,7 +147,7 @@ def prepare_dataset(
     num_classes = num_classes or dataset_spec(kind).default_num_classes
     protocols.class_names(num_classes)  # validates
     if num_shards is not None and not _is_power_of_two(num_shards):
-        raise ValueError(f"num_shards={num_shards} must be a power of two (1, 2, 4, ...)")
+        raise UsageError(f"--num_shards {num_shards}: must be a power of two (1, 2, 4, ...)")
     if push_to_hub:
         token = check_hub_access(token)
     split = split or "train"
@@ -159,7 +160,7 @@ def prepare_dataset(
     if num_shards is None:
         num_shards = choose_num_shards(len(kept), total_bytes)
     elif num_shards > len(kept):
-        raise ValueError(f"num_shards={num_shards} is more than the {len(kept)} samples to write")
+        raise UsageError(f"--num_shards {num_shards}: more than the {len(kept)} samples to write")
 
     output_dir = Path(output_dir)
     data_dir_out = output_dir / "data"

@@ -38,7 +38,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from PIL import Image
 
-from cpsl_hf.utils import atomic_directory
+from cpsl_hf.utils import MissingPathError, atomic_directory
 from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
@@ -158,8 +158,8 @@ class BadSampleError(ValueError):
         )
 
 
-class LayoutError(FileNotFoundError):
-    """The data folder is missing, empty or not in the expected layout."""
+class LayoutError(MissingPathError):
+    """The data folder is missing, empty or not in the expected layout (a usage error: ``--data_dir``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def _list_pngs(folder: Path, pattern: str = "*.png") -> list[Path]:
 
 
 def _layout_error(kind: str, data_dir: Path, problem: str) -> LayoutError:
-    return LayoutError(f"{problem} (data_dir={data_dir}). Expected layout: {LAYOUTS[kind]}")
+    return LayoutError(f"--data_dir {data_dir}: {problem}. Expected layout: {LAYOUTS[kind]}")
 
 
 def scan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from cpsl_hf.data import protocols
 from cpsl_hf.data.protocols import IGNORE_INDEX
 
-from .arguments import RunArguments
+from .arguments import ConfigurationError, RunArguments
 
 
 def load_domain_dataset(args: RunArguments, domain: str, split: str):
@@ -81,13 +82,26 @@ def build_model(args: RunArguments) -> nn.Module:
             if args.model.segformer_embedding is not None
             else {}
         )
-        model = CPSLForSemanticSegmentation.from_pretrained(args.model.model_name_or_path, **loaded_overrides)
-        if model.config.num_labels != num_classes:
-            raise ValueError(
-                f"--model_name_or_path {args.model.model_name_or_path}: the checkpoint has "
-                f"{model.config.num_labels} classes, --num_classes is {num_classes}"
+        path = args.model.model_name_or_path
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigurationError(
+                f"--model_name_or_path {path}: not a model folder (it has no config.json)"
             )
-        return model
+        try:  # the config first: its number of classes is checked before the weights load
+            config = CPSLConfig.from_pretrained(path, **loaded_overrides)
+            if config.num_labels != num_classes:
+                raise ConfigurationError(
+                    f"--model_name_or_path {path}: the checkpoint has "
+                    f"{config.num_labels} classes, --num_classes is {num_classes}"
+                )
+            return CPSLForSemanticSegmentation.from_pretrained(path, config=config)
+        except (OSError, ValueError) as error:  # no weights, wrong files, or a Hub repo that cannot be loaded
+            if isinstance(error, ConfigurationError):
+                raise
+            reason = " ".join(str(error).split())
+            raise ConfigurationError(
+                f"--model_name_or_path {path}: cannot load a CPSL model ({reason})"
+            ) from error
     if args.model.backbone in PRESETS:
         config = CPSLConfig.from_preset(
             args.model.backbone, num_labels=num_classes, id2label=id2label, **overrides

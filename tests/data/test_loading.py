@@ -139,9 +139,10 @@ def test_script_end_to_end(tmp_path, gta5_dir, capsys):
         prepare_dataset.main(["gta5", "--data_dir", str(gta5_dir), "--output_dir", str(tmp_path / "o")]) == 0
     )
     assert "12 kept" in capsys.readouterr().out
-    assert (
-        prepare_dataset.main(["gta5", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "p")]) == 1
-    )
+    from cpsl_hf.cli import run
+
+    wrong = ["gta5", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "p")]
+    assert run(prepare_dataset.main, wrong) == 2  # a bad --data_dir is a usage error
     assert "Expected layout: GTA5" in capsys.readouterr().err
 
 
