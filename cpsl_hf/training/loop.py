@@ -341,9 +341,9 @@ class Trainer:
     _first_micro_step = True
 
     def _start_optimisation_step(self) -> None:
-        """Before the first forward of an optimisation step: the student's buffers (BatchNorm statistics, which
-        the forward updates) are kept, and the step's loss flag starts true."""
-        buffers = [b for b in self.student.buffers() if b.is_floating_point()]
+        """Before the first forward of an optimisation step: the student's buffers (BatchNorm statistics and
+        counters, which the forward updates) are kept, and the step's loss flag starts true."""
+        buffers = list(self.student.buffers())
         if [b.shape for b in self._buffer_snapshot] != [b.shape for b in buffers]:
             self._buffer_snapshot = [torch.empty_like(b) for b in buffers]
         if buffers:
@@ -369,7 +369,7 @@ class Trainer:
                 optimizer.optimizer.found_inf = found
 
     def _restore_buffers_unless_finite(self) -> None:
-        buffers = [b for b in self.student.buffers() if b.is_floating_point()]
+        buffers = list(self.student.buffers())
         for buffer, kept in zip(buffers, self._buffer_snapshot, strict=True):
             buffer.copy_(torch.where(self.step_finite, buffer, kept))
 
