@@ -54,7 +54,7 @@ class Trainer:
 
     What stages use (after :meth:`setup`): ``accelerator``, ``device``, ``model`` (prepared, maybe DDP-wrapped)
     and ``student`` (the plain network), ``views``, ``num_classes``, ``embedding_dim``, :meth:`lr_factor`,
-    :meth:`reset_optimizer_state`, :meth:`progress` and :meth:`target_train_pass_loader`.
+    :meth:`reset_optimizer_state`, :meth:`progress`, :meth:`target_train_pass_loader` and ``step_finite``.
     """
 
     def __init__(self, args: RunArguments, stages: list[Stage] | None = None):
@@ -520,7 +520,9 @@ class Trainer:
         names = sorted(window.sums)
         good_steps = window.steps - self._bad_steps
         means = torch.stack([window.sums[name].float() for name in names]) / good_steps.clamp_min(1.0)
-        means = torch.where(good_steps > 0, means, torch.full_like(means, float("nan")))  # no finite step: nan
+        means = torch.where(
+            good_steps > 0, means, torch.full_like(means, float("nan"))
+        )  # no finite step: nan
         nonfinite = torch.stack([window.nonfinite[name] for name in names])
         faults = torch.stack([self._bad_steps, self._most_consecutive_bad])
         request = torch.tensor([self._stop_requested()], device=self.device)

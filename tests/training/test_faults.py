@@ -342,3 +342,89 @@ def test_check_finite_refuses_a_network_with_nan():
         network[1].running_var[0] = float("inf")
     with pytest.raises(NonFiniteModelError, match=r"1 tensor\(s\) hold NaN or Inf \(1.running_var\)"):
         check_finite(network)
+
+
+# ------------------------------------------------------------------------------------------------ the pieces
+def test_bank_enqueue_commit_and_revert_leave_the_bank_as_it_was():
+    from cpsl_hf.selflabel import MemoryBank
+
+    bank = MemoryBank(5, 3)
+    bank.enqueue(torch.randn(4, 3))
+    before = _clone(bank.state_dict())
+    bank.enqueue(torch.randn(3, 3), commit=torch.tensor(False))
+    _assert_equal(_clone(bank.state_dict()), before, "commit=False")
+    undo = bank.enqueue(torch.randn(3, 3), torch.tensor([True, False, True]))
+    after = _clone(bank.state_dict())
+    bank.revert_(undo, torch.tensor(True))
+    _assert_equal(_clone(bank.state_dict()), after, "kept")
+    bank.revert_(undo, torch.tensor(False))
+    _assert_equal(_clone(bank.state_dict()), before, "reverted")
+
+
+def test_the_self_labeling_core_updates_nothing_from_non_finite_embeddings_and_settles_a_bad_step():
+    from cpsl_hf.selflabel import SelfLabeling
+
+    core = SelfLabeling(num_classes=4, embedding_dim=8, num_samples=6, bank_size=20, prior_momentum=0.5)
+    generator = torch.Generator().manual_seed(0)
+
+    def step(embeddings):
+        p_st = torch.rand(2, 4, 5, 5, generator=generator).softmax(dim=1)
+        prototypes = torch.randn(4, 8, generator=generator)
+        core(embeddings, p_st, prototypes, prototypes.clone(), generator=generator)
+
+    step(torch.randn(2, 8, 5, 5, generator=generator))
+    before = _clone(core.state_dict())
+    poisoned = torch.randn(2, 8, 5, 5, generator=generator)
+    poisoned[1, :, 2, 2] = float("nan")
+    poisoned[0] = float("inf")
+    step(poisoned)
+    _assert_equal(_clone(core.state_dict()), before, "non-finite embeddings")
+    core.record_updates = True
+    step(torch.randn(2, 8, 5, 5, generator=generator))
+    step(torch.randn(2, 8, 5, 5, generator=generator))  # two forwards (micro-steps) of one bad step
+    assert core.state_dict()["bank.pointer"] != before["bank.pointer"]
+    core.settle_updates(torch.tensor(False))
+    _assert_equal(_clone(core.state_dict()), before, "settled as non-finite")
+    step(torch.randn(2, 8, 5, 5, generator=generator))
+    moved = _clone(core.state_dict())
+    core.settle_updates(torch.tensor(True))
+    _assert_equal(_clone(core.state_dict()), moved, "settled as finite")
+    assert not core._pending_updates
+
+
+def test_the_ema_teacher_stays_put_when_the_step_was_not_finite():
+    from cpsl_hf.training.ema import EMATeacher
+
+    student = torch.nn.Linear(3, 2)
+    teacher = EMATeacher(student, momentum=0.5)
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    before = _clone(teacher.module.state_dict())
+    teacher.update(student, torch.tensor(False))
+    _assert_equal(_clone(teacher.module.state_dict()), before, "disabled update")
+    teacher.update(student, torch.tensor(True))
+    expected = torch.lerp(before["weight"], student.weight.detach(), 0.5)
+    torch.testing.assert_close(teacher.module.weight, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value, seconds", [("90", 90.0), ("1:30", 90.0), ("01:00:00", 3600.0), ("0.5", 0.5)])
+def test_max_train_time_accepts_seconds_and_clock_times(value, seconds):
+    from cpsl_hf.training.arguments import parse_duration
+
+    assert parse_duration(value) == seconds
+    assert parse_args(["--max_train_time", value]).training.max_train_time == value
+
+
+@pytest.mark.parametrize("value", ["", "abc", "1:2:3:4", "-5", "0", "1::2"])
+def test_max_train_time_refuses_what_is_not_a_positive_duration(value):
+    from cpsl_hf.training.arguments import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="--max_train_time"):
+        parse_args(["--max_train_time", value])
+
+
+def test_max_nonfinite_steps_must_be_positive():
+    from cpsl_hf.training.arguments import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="--max_nonfinite_steps must be >= 1"):
+        parse_args(["--max_nonfinite_steps", "0"])
