@@ -12,7 +12,8 @@ Per step (SPEC "Online pixel-level self-labeling"), with N target images and map
 5. ``L_SL`` with the student's cosine scores ``cos(z, W) / tau`` of the sampled pixels (``z`` the teacher's
    embeddings, detached, unless the student's are given, as the option that lets the loss reach them).
 6. All gathered samples enter the bank; the prior moves towards the global histogram of rectified labels
-   (one ``all_reduce``, shared with the diagnostics).
+   (one ``all_reduce``, shared with the diagnostics). Non-finite samples update neither; a trainer that only
+   learns after the backward that the step was non-finite undoes both (:meth:`SelfLabeling.settle_updates`).
 
 Nothing in the step moves data to the CPU or creates a data-dependent shape, so on a GPU it never waits.
 """
@@ -171,6 +172,21 @@ class SelfLabeling(nn.Module):
         )
         initial = torch.ones(self.num_classes) if initial_prior is None else initial_prior
         self.prior = ClassPrior(initial, momentum=prior_momentum, static=static_prior)
+        self.record_updates = False  # see settle_updates
+        self._pending_updates: list = []
+
+    @torch.no_grad()
+    def settle_updates(self, keep: torch.Tensor) -> None:
+        """Keep (``keep`` true) or undo (false) the bank and prior updates of the forwards since the last call;
+        ``keep`` is a 0-dim bool tensor, e.g. "the training step was finite", so nothing waits for the device.
+        Only with ``record_updates = True`` (a trainer that learns after the forward whether the step counts);
+        otherwise every forward's update is final and this does nothing."""
+        for undo, previous_prior in reversed(self._pending_updates):
+            for bank, record in reversed(undo):
+                bank.revert_(record, keep)
+            distribution = self.prior.distribution
+            distribution.copy_(torch.where(keep.to(distribution.device), distribution, previous_prior))
+        self._pending_updates.clear()
 
     def initialize_prior(self, class_histogram: torch.Tensor) -> None:
         """Set the prior to a class histogram (e.g. counts of argmax P_ST over the target set, all-reduced)."""
@@ -351,12 +367,20 @@ class SelfLabeling(nn.Module):
                 loss = loss + self_labeling_loss(q_logits, sl_logits, sample_valid)
 
         # 6. State updates: every process enqueues the same gathered rows; prior from the global histogram.
+        #    Rows with a NaN or Inf (a diverging teacher) update nothing, decided on the device.
         with torch.no_grad():
+            finite = torch.isfinite(gathered).all()  # identical on every process (gathered rows)
+            undo = []
             if self.bank is not None:
-                self.bank.enqueue(all_samples, all_valid)
+                undo.append((self.bank, self.bank.enqueue(all_samples, all_valid, commit=finite)))
             if self.logits_bank is not None:
-                self.logits_bank.enqueue(all_logits, all_valid)
-            self.prior.update(statistics[: self.num_classes])
+                undo.append(
+                    (self.logits_bank, self.logits_bank.enqueue(all_logits, all_valid, commit=finite))
+                )
+            previous_prior = self.prior.distribution.clone() if self.record_updates else None
+            self.prior.update(statistics[: self.num_classes], commit=finite)
+            if self.record_updates:
+                self._pending_updates.append((undo, previous_prior))
             changed_count, labelled_count, agree_count, margin_sum, valid_count = statistics[
                 self.num_classes :
             ].unbind()

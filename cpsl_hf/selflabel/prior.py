@@ -117,15 +117,19 @@ class ClassPrior(nn.Module):
         self.distribution.copy_(histogram / histogram.sum())
 
     @torch.no_grad()
-    def update(self, batch_histogram: torch.Tensor) -> None:
-        """One EMA step towards the normalised ``batch_histogram`` (length C counts). No sync; no-op if static."""
+    def update(self, batch_histogram: torch.Tensor, commit: torch.Tensor | None = None) -> None:
+        """One EMA step towards the normalised ``batch_histogram`` (length C counts). No sync; no-op if static.
+        A histogram that is not finite, or ``commit`` (0-dim bool tensor) false, leaves ``r`` unchanged."""
         if self.static:
             return
         histogram = batch_histogram.to(device=self.distribution.device, dtype=torch.float32)
         total = histogram.sum()
         target = histogram / total.clamp_min(torch.finfo(torch.float32).tiny)
         updated = self.momentum * self.distribution + (1.0 - self.momentum) * target
-        self.distribution.copy_(torch.where(total > 0, updated, self.distribution))
+        apply = (total > 0) & torch.isfinite(total)
+        if commit is not None:
+            apply = apply & commit.to(device=apply.device, dtype=torch.bool)
+        self.distribution.copy_(torch.where(apply, updated, self.distribution))
 
     def entropy(self) -> torch.Tensor:
         """0-dim tensor: Shannon entropy (nats) of ``r``."""

@@ -572,6 +572,20 @@ class UDATrainingArguments:
         default=None,
         metadata={"help": "Stop (after saving a checkpoint) once this global step is reached; resume later."},
     )
+    max_train_time: str | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of this invocation, seconds or [HH:]MM:SS: once spent, the run saves a "
+            "checkpoint and exits with the preempted status (checked every --logging_steps); resume later."
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Stop (exit status 70, no checkpoint, no export) after this many consecutive steps with a "
+            "non-finite loss or gradient; each such step is skipped (no update reaches any state)."
+        },
+    )
     report_to: Literal["tensorboard", "wandb", "none"] = field(
         default="none", metadata={"help": "Experiment tracker."}
     )
@@ -605,6 +619,7 @@ class UDATrainingArguments:
             "eval_batch_size",
             "gradient_accumulation_steps",
             "logging_steps",
+            "max_nonfinite_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"--{name} must be >= 1")
@@ -613,6 +628,8 @@ class UDATrainingArguments:
             if value is not None and value < 1:
                 raise ConfigurationError(f"--{name} must be >= 1 (or unset)")
         self._check_optimisation()
+        if self.max_train_time is not None:
+            parse_duration(self.max_train_time)  # raises ConfigurationError when malformed
         hub_parts = (self.hub_model_id or "").split("/")
         if self.push_to_hub and (len(hub_parts) != 2 or not all(hub_parts)):
             raise ConfigurationError(
@@ -814,6 +831,26 @@ def _check_choices(group: Any) -> None:
         if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
             choices = " | ".join(typing.get_args(hint)) + (" (or unset)" if optional else "")
             raise ConfigurationError(f"--{name} {value!r}: expected one of {choices}")
+
+
+def parse_duration(value: str | float) -> float:
+    """``--max_train_time``: seconds (``5400``, ``90.5``) or ``[HH:]MM:SS`` (``1:30:00``) -> positive seconds."""
+    text = str(value).strip()
+    parts = text.split(":")
+    try:
+        if len(parts) > 3 or any(not part.strip() for part in parts):
+            raise ValueError
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        raise ConfigurationError(
+            f"--max_train_time {value!r}: expected seconds or [HH:]MM:SS, e.g. 3600 or 1:00:00"
+        ) from None
+    seconds = 0.0
+    for number in numbers:
+        seconds = seconds * 60.0 + number
+    if any(number < 0 for number in numbers) or not seconds > 0 or seconds != seconds:
+        raise ConfigurationError(f"--max_train_time {value!r} must be a positive duration")
+    return seconds
 
 
 def _non_negative(flag: str, value: float) -> None:

@@ -113,10 +113,17 @@ def build_model(args: RunArguments) -> nn.Module:
 
 
 def make_optimizer(kind: str, param_groups: list[dict[str, Any]], training) -> torch.optim.Optimizer:
-    """``torch.optim.SGD`` (momentum ``--sgd_momentum``) or ``AdamW`` (``--adam_betas``) over the groups."""
+    """``torch.optim.SGD`` (momentum ``--sgd_momentum``) or ``AdamW`` (``--adam_betas``) over the groups.
+
+    Both fused: the trainer skips a non-finite step on the device through their ``found_inf`` (as ``GradScaler``
+    does), which only the fused implementations read."""
     if kind == "sgd":
-        return torch.optim.SGD(param_groups, lr=training.learning_rate, momentum=training.sgd_momentum)
-    return torch.optim.AdamW(param_groups, lr=training.learning_rate, betas=tuple(training.adam_betas))
+        return torch.optim.SGD(
+            param_groups, lr=training.learning_rate, momentum=training.sgd_momentum, fused=True
+        )
+    return torch.optim.AdamW(
+        param_groups, lr=training.learning_rate, betas=tuple(training.adam_betas), fused=True
+    )
 
 
 def parameter_groups(model: nn.Module, args: RunArguments) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -93,15 +93,21 @@ class EMATeacher(nn.Module):
         self.num_updates = int(state["num_updates"])
 
     @torch.no_grad()
-    def update(self, student: nn.Module) -> None:
+    def update(self, student: nn.Module, enabled: torch.Tensor | None = None) -> None:
         """``teacher <- m * teacher + (1 - m) * student`` for parameters; buffers copied from the student.
 
         Args:
             student: the network being trained, with the same parameter names as the teacher (pass
                 ``accelerator.unwrap_model(model)``).
+            enabled: optional 0-dim bool tensor (the step was finite): when false the parameters stay as they
+                are (the lerp weight is ``(1 - m) * enabled``, on the device, no sync). The ramp's host counter
+                still counts the update.
         """
         teacher_params, student_params, teacher_buffers, student_buffers = self._tensor_lists(student)
-        torch._foreach_lerp_(teacher_params, student_params, 1.0 - self.current_momentum())
+        weight = 1.0 - self.current_momentum()
+        if enabled is not None:
+            weight = enabled.to(device=teacher_params[0].device, dtype=torch.float32) * weight
+        torch._foreach_lerp_(teacher_params, student_params, weight)
         if teacher_buffers:
             torch._foreach_copy_(teacher_buffers, student_buffers)
         self.num_updates += 1

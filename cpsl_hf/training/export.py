@@ -7,6 +7,7 @@ Every function reads a finished :class:`~cpsl_hf.training.loop.Trainer`; nothing
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -18,6 +19,8 @@ from torch import nn
 
 from cpsl_hf.data.registry import DATASETS, dataset_spec
 from cpsl_hf.utils import format_percent
+
+from .faults import NonFiniteModelError
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -36,6 +39,22 @@ def exported_network(trainer: Trainer) -> tuple[str, nn.Module]:
     return ("student", trainer.student) if stage is None else stage.exported()
 
 
+def check_finite(network: nn.Module, who: str = "model") -> None:
+    """Raise :class:`~cpsl_hf.training.faults.NonFiniteModelError` when a parameter or buffer of ``network`` holds
+    a NaN or Inf: such a model is never saved or pushed. One host sync, at export."""
+    bad = [
+        name
+        for name, tensor in itertools.chain(network.named_parameters(), network.named_buffers())
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteModelError(
+            f"not exporting the {who}: {len(bad)} tensor(s) hold NaN or Inf ({shown}); nothing was saved or "
+            "pushed. Lower --learning_rate or set --max_grad_norm and train again from the last checkpoint."
+        )
+
+
 def final_evaluation(trainer: Trainer) -> tuple[str, int]:
     """``(stage name, step)`` of the run's last evaluation."""
     final_stage = [stage.name for stage in trainer.stages if stage.name in trainer.history][-1]
@@ -50,6 +69,7 @@ def export_run(trainer: Trainer) -> None:
     accelerator, training = trainer.accelerator, trainer.args.training
     accelerator.wait_for_everyone()
     exported_who, network = exported_network(trainer)
+    check_finite(network, exported_who)
     model_dir = trainer.output_dir
     network.save_pretrained(
         model_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save

@@ -9,6 +9,12 @@ it and is evaluated when it ends; :mod:`cpsl_hf.training.export` writes the resu
 
 Nothing in the per-step path moves a value to the host: losses and diagnostics are summed on the device and
 read every ``--logging_steps``.
+
+Faults (:mod:`cpsl_hf.training.faults`): a step whose loss or gradients are not finite is detected on the device
+and changes nothing (the fused optimisers skip it through ``found_inf``, as under ``GradScaler``; the student's
+buffers are put back; the stages mask their own updates with :attr:`Trainer.step_finite`); the logging window
+reports it and ``--max_nonfinite_steps`` consecutive ones stop the run. A stop signal or ``--max_train_time``
+is read at the logging window's reduction too, so all processes stop after the same step, save, and exit.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from cpsl_hf.data import protocols
 from cpsl_hf.utils import autocast_dtype, json_ready, progress
 
 from . import export
-from .arguments import RunArguments, validate_against_datasets
+from .arguments import RunArguments, parse_duration, validate_against_datasets
 from .building import build_model, load_domain_dataset, make_optimizer, parameter_groups, peek_dataset
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .diagnostics import PseudoLabelMonitor
+from .faults import NonFiniteTraining, Preempted, StopRequest
 from .schedule import schedule_lr_factor
 from .stages import Stage, StepOutput, build_stages
 from .views import Views
@@ -47,7 +54,7 @@ class Trainer:
 
     What stages use (after :meth:`setup`): ``accelerator``, ``device``, ``model`` (prepared, maybe DDP-wrapped)
     and ``student`` (the plain network), ``views``, ``num_classes``, ``embedding_dim``, :meth:`lr_factor`,
-    :meth:`reset_optimizer_state`, :meth:`progress` and :meth:`target_train_pass_loader`.
+    :meth:`reset_optimizer_state`, :meth:`progress`, :meth:`target_train_pass_loader` and ``step_finite``.
     """
 
     def __init__(self, args: RunArguments, stages: list[Stage] | None = None):
@@ -63,6 +70,9 @@ class Trainer:
         self.started = time.time()
         self.stage_ends = list(itertools.accumulate(stage.steps for stage in self.stages))
         self.total_steps = self.stage_ends[-1] if self.stages else 0
+        self.step_finite: torch.Tensor | None = None  # 0-dim bool, on the device: the last step was finite
+        self.stop_request = StopRequest()
+        self._saved_at: int | None = None  # the step of the last checkpoint this invocation wrote
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -84,6 +94,11 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._build_data()
         self._build_model_and_optimizers()
+        self.step_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._bad_steps = torch.zeros((), device=self.device)  # in the current logging window
+        self._consecutive_bad = torch.zeros((), device=self.device)
+        self._most_consecutive_bad = torch.zeros((), device=self.device)  # in the current logging window
+        self._buffer_snapshot: list[torch.Tensor] = []
         if self.args.cpsl.pseudo_label_diagnostics:
             self.pseudo_label_monitor = PseudoLabelMonitor(self.num_classes, self.device)
         generator = torch.Generator(device=self.device)
@@ -219,6 +234,26 @@ class Trainer:
         """Empty the student's optimiser state (a new stage trains as a separate run would)."""
         for optimizer in self.optimizers():
             optimizer.optimizer.state.clear()
+        self._prepare_step_skipping()
+
+    def _prepare_step_skipping(self) -> None:
+        """Make every optimiser of the student able to skip a step on the device: the fused implementations
+        (whatever a restored state says) read ``found_inf`` as under ``GradScaler``; SGD's momentum buffers
+        exist from the start (a fused SGD whose first step is skipped would otherwise keep an uninitialised
+        buffer; a zero buffer gives the same first update)."""
+        for optimizer in self.optimizers():
+            inner = optimizer.optimizer
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
+                for parameter in group["params"]:
+                    state = inner.state.get(parameter)
+                    step = None if state is None else state.get("step")
+                    if torch.is_tensor(step) and step.device != parameter.device:  # a foreach-written state
+                        state["step"] = step.to(device=parameter.device, dtype=torch.float32)
+                    if isinstance(inner, torch.optim.SGD) and group.get("momentum", 0) != 0:
+                        state = inner.state[parameter]
+                        if state.get("momentum_buffer") is None:
+                            state["momentum_buffer"] = torch.zeros_like(parameter)
 
     def progress(self, iterable, description: str):
         """``iterable`` with a progress bar on the main process when ``--progress_bar``."""
@@ -301,14 +336,20 @@ class Trainer:
             # The target's ground truth leaves the batch before any loss sees it: only the pseudo-label
             # diagnostics read it.
             target_truth = None if target_batch is None else target_batch.pop("labels")
+            if self._first_micro_step:
+                self._start_optimisation_step()
             output = stage.losses(source_batch, target_batch)
             if self.pseudo_label_monitor is not None and output.pseudo_labels is not None:
                 self.pseudo_label_monitor.update(stage.name, target_truth, output.pseudo_labels)
-            accelerator.backward(output.losses["loss"])
+            loss = output.losses["loss"]
+            self._loss_finite &= torch.isfinite(loss.detach())
+            accelerator.backward(loss)
+            self._first_micro_step = accelerator.sync_gradients
             if accelerator.sync_gradients:
                 self._sync_prototype_gradient()
                 if self.args.training.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(self.model.parameters(), self.args.training.max_grad_norm)
+                self._check_finite()
             for optimizer in self.optimizers():
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -323,9 +364,53 @@ class Trainer:
         self.scheduler.step()
         if self.prototype_scheduler is not None:
             self.prototype_scheduler.step()
+        self._restore_buffers_unless_finite()
         self._sync_buffers()
         stage.after_step()
+        self._count_step()
         self.step += 1
+
+    # ------------------------------------------------------------------ non-finite steps, on the device
+    _first_micro_step = True
+
+    def _start_optimisation_step(self) -> None:
+        """Before the first forward of an optimisation step: the student's buffers (BatchNorm statistics and
+        counters, which the forward updates) are kept, and the step's loss flag starts true."""
+        buffers = list(self.student.buffers())
+        if [b.shape for b in self._buffer_snapshot] != [b.shape for b in buffers]:
+            self._buffer_snapshot = [torch.empty_like(b) for b in buffers]
+        if buffers:
+            torch._foreach_copy_(self._buffer_snapshot, buffers)
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def _check_finite(self) -> None:
+        """:attr:`step_finite` = the step's losses and every gradient of the student are finite (all processes
+        agree: one all-reduce of a 0-dim tensor, no host sync), and the optimisers' ``found_inf`` from it. Under
+        fp16 the gradients are the ``GradScaler``'s business (an overflow is routine there): only the loss counts."""
+        found = (~self._loss_finite).float()
+        if self.accelerator.mixed_precision != "fp16":
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:  # exact (not a norm that could overflow); multiplies by 1, a no-op on the values
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    grads, found, torch.ones((), device=self.device)
+                )
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+        self.step_finite = found == 0
+        if self.accelerator.mixed_precision != "fp16":  # under fp16 the scaler sets its own found_inf
+            for optimizer in self.optimizers():
+                optimizer.optimizer.found_inf = found
+
+    def _restore_buffers_unless_finite(self) -> None:
+        buffers = list(self.student.buffers())
+        for buffer, kept in zip(buffers, self._buffer_snapshot, strict=True):
+            buffer.copy_(torch.where(self.step_finite, buffer, kept))
+
+    def _count_step(self) -> None:
+        bad = (~self.step_finite).float()
+        self._bad_steps += bad
+        self._consecutive_bad.add_(1.0).mul_(bad)
+        torch.maximum(self._most_consecutive_bad, self._consecutive_bad, out=self._most_consecutive_bad)
 
     def _sync_prototype_gradient(self) -> None:
         """All-reduce (mean) the gradient of W, which DDP does not manage (see :meth:`_build_model_and_optimizers`)."""
@@ -348,10 +433,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
-        """Run (or resume) every stage; returns the metrics history (also written to metrics.json)."""
+        """Run (or resume) every stage; returns the metrics history (also written to metrics.json).
+
+        Raises :class:`~cpsl_hf.training.faults.Preempted` (exit status 75) after a stop signal or
+        ``--max_train_time`` (a checkpoint saved), :class:`~cpsl_hf.training.faults.NonFiniteTraining` (70)
+        after ``--max_nonfinite_steps`` consecutive non-finite steps (nothing saved)."""
         deterministic_before = torch.are_deterministic_algorithms_enabled()
         try:
-            return self._train()
+            with self.stop_request:  # the previous signal handlers come back when training ends
+                return self._train()
         finally:  # leave the process as it was (tests and notebooks run several trainings)
             torch.use_deterministic_algorithms(deterministic_before)
             if self.folder_lock is not None:
@@ -363,6 +453,7 @@ class Trainer:
         checkpoint = resolve_checkpoint(training.resume_from_checkpoint, self.output_dir)
         if checkpoint is not None:
             self.restore(checkpoint)
+        self._prepare_step_skipping()
         total = self.total_steps
         stop = total if training.stop_at_step is None else min(training.stop_at_step, total)
         enabled = accelerator.is_main_process and training.progress_bar
@@ -383,13 +474,41 @@ class Trainer:
             window.steps += 1
             if bar is not None:
                 bar.update(1)
+            stop_reason = None
             if self.step % training.logging_steps == 0 or self.step == stop:
-                self._log_window(window, stage, bar)
+                stop_reason = self._log_window(window, stage, bar)
                 window = LogWindow()
             self._after_step(stage, stop)
+            if stop_reason is not None and self.step < stop:
+                if bar is not None:
+                    bar.close()
+                self._preempt(stop_reason)
         if bar is not None:
             bar.close()
         return self._end_run(stop)
+
+    def _preempt(self, reason: str) -> None:
+        """Save (unless this step was just saved), say how to continue, raise :class:`Preempted`."""
+        saved = "a checkpoint is saved"
+        if bool(self._consecutive_bad > 0):
+            saved = "the step was not finite, so the last checkpoint stays latest"
+        elif self._saved_at != self.step:
+            self.save()
+        accelerator = self.accelerator
+        message = (
+            f"Stopped at step {self.step} of {self.total_steps} ({reason}); {saved}. Continue with "
+            f"--resume_from_checkpoint auto --output_dir {self.output_dir}"
+        )
+        if accelerator.is_main_process:
+            print(message, flush=True)
+        accelerator.end_training()
+        raise Preempted(message)
+
+    def _stop_requested(self) -> float:
+        """1.0 when this process got a stop signal or spent ``--max_train_time``, else 0.0 (host values)."""
+        budget = self.args.training.max_train_time
+        over_time = budget is not None and time.time() - self.started >= parse_duration(budget)
+        return float(self.stop_request.signal_number is not None or over_time)
 
     def _after_step(self, stage: Stage, stop: int) -> None:
         """The evaluations and checkpoints due after the step just taken."""
@@ -402,7 +521,11 @@ class Trainer:
         if (training.checkpointing_steps and self.step % training.checkpointing_steps == 0) or (
             self.step == stop and stop < self.total_steps
         ):
-            self.save()
+            if bool(self._consecutive_bad > 0):  # a host sync, at checkpoint steps only
+                logger.warning("step %d was not finite: no checkpoint (the last one stays latest)", self.step)
+            else:
+                self.save()
+                self._saved_at = self.step
 
     def _end_run(self, stop: int) -> dict[str, Any]:
         """Export at the end of the last stage; a run stopped early (``--stop_at_step``) says how to resume."""
@@ -422,13 +545,33 @@ class Trainer:
             accelerator.end_training()
         return self.history
 
-    def _log_window(self, window: LogWindow, stage: Stage, bar) -> None:
-        """Average the device-side sums over the window and processes: the only host sync of the loop."""
+    def _log_window(self, window: LogWindow, stage: Stage, bar) -> str | None:
+        """Average the device-side sums over the window's finite steps and the processes: the only host sync of
+        the loop. The same reduction carries the non-finite counts and each process's stop request; returns why
+        the run must stop now (a signal, the time budget) or None, and raises :class:`NonFiniteTraining` after
+        ``--max_nonfinite_steps`` consecutive non-finite steps."""
         if not window.sums or window.steps == 0:
-            return
+            return None
         names = sorted(window.sums)
-        stacked = torch.stack([window.sums[name].float() for name in names]) / window.steps
-        values = self.accelerator.reduce(stacked, reduction="mean").tolist()
+        good_steps = window.steps - self._bad_steps
+        means = torch.stack([window.sums[name].float() for name in names]) / good_steps.clamp_min(1.0)
+        means = torch.where(
+            good_steps > 0, means, torch.full_like(means, float("nan"))
+        )  # no finite step: nan
+        nonfinite = torch.stack([window.nonfinite[name] for name in names])
+        faults = torch.stack([self._bad_steps, self._most_consecutive_bad])
+        request = torch.tensor([self._stop_requested()], device=self.device)
+        stacked = torch.cat([means, nonfinite, faults, request])
+        reduced = self.accelerator.reduce(stacked, reduction="mean").tolist()
+        count = len(names)
+        values, nonfinite_counts = reduced[:count], reduced[count : 2 * count]
+        bad_steps, most_consecutive, stop_requested = reduced[2 * count :]
+        self._bad_steps.zero_()
+        self._most_consecutive_bad.copy_(self._consecutive_bad)
+        if bad_steps > 0:
+            self._report_nonfinite(names, nonfinite_counts, int(round(bad_steps)), window.steps)
+        if most_consecutive >= self.args.training.max_nonfinite_steps:
+            self._stop_nonfinite(int(round(most_consecutive)))
         logs = dict(zip(names, values, strict=True))
         if self.pseudo_label_monitor is not None:
             logs.update(self.pseudo_label_monitor.window_summary())
@@ -443,6 +586,47 @@ class Trainer:
         elif self.accelerator.is_main_process:
             formatted = ", ".join(f"{key} {value:.4g}" for key, value in logs.items())
             logger.info("step %d/%d (%s): %s", self.step, self.total_steps, stage.name, formatted)
+        if stop_requested > 0:
+            signal_number = self.stop_request.signal_number
+            return (
+                f"signal {signal_number}"
+                if signal_number is not None
+                else "a stop signal or --max_train_time"
+            )
+        return None
+
+    def _report_nonfinite(self, names: list[str], counts: list[float], bad_steps: int, steps: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        terms = ", ".join(
+            f"{name} ({count:.3g} micro-steps)" for name, count in zip(names, counts) if count > 0
+        )
+        logger.warning(
+            "step %d: %d of the last %d steps were not finite and were skipped (no update); non-finite terms "
+            "(mean over processes): %s",
+            self.step, bad_steps, steps, terms or "none (a gradient only)",
+        )  # fmt: skip
+
+    def _stop_nonfinite(self, consecutive: int) -> None:
+        from .checkpointing import find_latest_checkpoint
+
+        latest = find_latest_checkpoint(self.output_dir)
+        message = (
+            f"Stopped at step {self.step}: {consecutive} consecutive steps with a non-finite loss or gradient "
+            f"(--max_nonfinite_steps {self.args.training.max_nonfinite_steps}); nothing was saved or exported. "
+            + (
+                f"The last good checkpoint is {latest}."
+                if latest is not None
+                else "There is no checkpoint of this run."
+            )
+            + " Lower --learning_rate or set --max_grad_norm (or try --mixed_precision no) and resume with "
+            f"--resume_from_checkpoint auto --output_dir {self.output_dir}"
+        )
+        if self.accelerator.is_main_process:
+            logger.error(message)
+            print(message, flush=True)
+        self.accelerator.end_training()
+        raise NonFiniteTraining(message)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, stage: Stage) -> dict[str, dict[str, Any]]:
@@ -535,19 +719,26 @@ class Trainer:
 
 
 class LogWindow:
-    """Device-side sums of a logging window's losses, its optimisation steps and images."""
+    """Device-side sums of a logging window's finite losses, the number of micro-steps in which each was not
+    finite, its optimisation steps and images."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
+        self.nonfinite: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.images = 0
         self.started = time.time()
 
     def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
-        """Add one micro-step's values (the loop counts the window's optimisation steps in ``steps``)."""
+        """Add one micro-step's 0-dim values (the loop counts the window's optimisation steps in ``steps``); a
+        NaN or Inf adds 0 to the sum and 1 to the term's non-finite count."""
         for name, value in losses.items():
-            value = value.detach()
+            value = value.detach().float()
+            finite = torch.isfinite(value)
+            value = torch.where(finite, value, torch.zeros_like(value))
+            bad = (~finite).float()
             self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.nonfinite[name] = self.nonfinite[name] + bad if name in self.nonfinite else bad
         self.images += images
 
 

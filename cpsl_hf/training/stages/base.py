@@ -10,7 +10,8 @@ frozen labelling model) and says:
 - :meth:`Stage.start`: initialise from the previous stage, once, when the loop first enters it;
 - :meth:`Stage.losses`: one step's losses (``loss`` with its graph; the rest are logged);
 - :meth:`Stage.after_micro_step` / :meth:`Stage.after_step`: its own updates after the student's (a
-  discriminator's step, the EMA teacher, its own schedules);
+  discriminator's step, the EMA teacher, its own schedules), masked on the device by ``run.step_finite`` (0-dim
+  bool: the step's loss and gradients were finite; a non-finite step must change no state);
 - :meth:`Stage.finish`: release what only its steps needed, once the next stage has started (and taken what
   it needs from this one);
 - which networks are evaluated and which one it exports; its words in the model card and summary table;

@@ -174,7 +174,7 @@ class CPSLStage(Stage):
 
     def build_self_labeling(self) -> SelfLabeling:
         cpsl, run = self.cpsl, self.run
-        return SelfLabeling(
+        core = SelfLabeling(
             num_classes=run.num_classes,
             embedding_dim=run.embedding_dim,
             num_samples=cpsl.samples_per_image,
@@ -189,6 +189,8 @@ class CPSLStage(Stage):
             rectification=cpsl.rectification,
             logits_branch=cpsl.sl_logits_branch,
         ).to(run.device)
+        core.record_updates = True  # a non-finite step's bank and prior updates are undone (after_micro_step)
+        return core
 
     def target_pass(self) -> None:
         """One pass of the teacher (= the warm-up model) over the target training set: W = W' = class means of
@@ -220,7 +222,8 @@ class CPSLStage(Stage):
     def _initialize_self_labeling(self, accumulator: PrototypeAccumulator, histogram: torch.Tensor) -> None:
         student = self.run.student
         prototypes = accumulator.compute(normalize=True)
-        unseen = accumulator.counts == 0
+        # A class no pixel went to, or whose mean is not finite (a diverged warm-up), keeps its random prototype.
+        unseen = (accumulator.counts == 0) | ~torch.isfinite(prototypes).all(dim=1)
         prototypes = torch.where(
             unseen[:, None], F.normalize(student.self_labeling_head.prototypes.float(), dim=1), prototypes
         )
@@ -234,8 +237,14 @@ class CPSLStage(Stage):
     def self_labeling_enabled(self) -> bool:
         return True
 
+    def after_micro_step(self, output: StepOutput) -> None:
+        """Keep the core's bank and prior updates of the step's forwards, or undo them if it was non-finite."""
+        if self.self_labeling is not None and self.run.accelerator.sync_gradients:
+            self.self_labeling.settle_updates(self.run.step_finite)
+
     def after_step(self) -> None:
-        self.teacher.update(self.run.student)
+        """The EMA teacher follows the student, unless the step was non-finite (then nothing moves)."""
+        self.teacher.update(self.run.student, self.run.step_finite)
 
     # ------------------------------------------------------------------ the step
     def losses(self, source_batch, target_batch) -> StepOutput:
