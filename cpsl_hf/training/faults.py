@@ -82,6 +82,7 @@ class StopRequest:
         )
 
     def __enter__(self) -> StopRequest:
+        self.signal_number = None  # a new training starts without the last one's request
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
