@@ -272,3 +272,28 @@ def test_adversarial_defaults_and_recipe(tmp_path):
         ConfigurationError, match="lambda_adv is in section training: but belongs in section adversarial:"
     ):
         parse_args(["--config", str(config)])
+
+
+def test_a_non_finite_discriminator_step_leaves_d_and_its_adam_unchanged(tmp_path, synthetic_cache):
+    trainer = Trainer(parse_args(tiny_argv(tmp_path / "nan", synthetic_cache, "--lambda_adv", "1.0")))
+    trainer.setup()
+    stage = stage_named(trainer, "warmup")
+    discriminator = trainer.accelerator.unwrap_model(stage.discriminator)
+    source_batch = trainer.next_batch(trainer.source_loader)
+    target_batch = trainer.next_batch(trainer.target_loader)
+
+    output = stage.losses(source_batch, target_batch)
+    before = _copy(discriminator.state_dict())
+    output.losses["loss_discriminator"] = output.losses["loss_discriminator"] * float("nan")
+    stage.after_micro_step(output)
+    for name, tensor in discriminator.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+    adam = stage.optimizer.optimizer.state
+    assert all(float(state["step"]) == 0 for state in adam.values())  # no step taken, nor counted
+
+    output = stage.losses(source_batch, target_batch)  # a finite step does train D
+    stage.after_micro_step(output)
+    changed = [
+        name for name, tensor in discriminator.state_dict().items() if not torch.equal(tensor, before[name])
+    ]
+    assert sorted(changed) == sorted(before)

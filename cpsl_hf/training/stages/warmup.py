@@ -66,7 +66,10 @@ class AdversarialWarmupStage(WarmupStage):
         Adam and schedule, and prepare them: DDP all-reduces its gradients, checkpoints carry its state."""
         super().setup(run)
         discriminator = OutputDiscriminator(run.num_classes)
-        optimizer = torch.optim.Adam(discriminator.parameters(), lr=self.discriminator_lr, betas=(0.9, 0.99))
+        # Fused: a non-finite step of D is skipped on the device through its found_inf (see after_micro_step).
+        optimizer = torch.optim.Adam(
+            discriminator.parameters(), lr=self.discriminator_lr, betas=(0.9, 0.99), fused=True
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.lr_factor)
         self.discriminator, self.optimizer, self.scheduler = run.accelerator.prepare(
             discriminator, optimizer, scheduler
@@ -100,8 +103,24 @@ class AdversarialWarmupStage(WarmupStage):
         return [self.discriminator]
 
     def after_micro_step(self, output: StepOutput) -> None:
-        """Back-propagate ``L_D`` (reaches ``D`` only) and step ``D``'s Adam (skipped while accumulating)."""
-        self.run.accelerator.backward(output.losses["loss_discriminator"])
+        """Back-propagate ``L_D`` (reaches ``D`` only) and step ``D``'s Adam (skipped while accumulating).
+
+        A non-finite ``L_D`` or gradient of ``D`` (on any process) leaves ``D`` and its Adam state unchanged: the
+        fused Adam reads ``found_inf`` on the device, as under ``GradScaler`` (under fp16 the scaler sets it).
+        """
+        run = self.run
+        loss = output.losses["loss_discriminator"]
+        run.accelerator.backward(loss)
+        if run.accelerator.mixed_precision != "fp16":
+            found = (~torch.isfinite(loss.detach())).float()
+            grads = [p.grad for p in self.discriminator.parameters() if p.grad is not None]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    grads, found, torch.ones((), device=found.device)
+                )
+            if run.accelerator.num_processes > 1:
+                torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+            self.optimizer.optimizer.found_inf = found
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
