@@ -5,34 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 import torch
-from training_helpers import REPOSITORY, run, run_two_processes, tiny_argv
+from training_helpers import FINAL_STATE_DRIVER, REPOSITORY, run, run_two_processes, tiny_argv
 
 from cpsl_hf.training.checkpointing import list_checkpoints
-
-DRIVER = textwrap.dedent(
-    """
-    import sys
-    import torch
-    from cpsl_hf.training.arguments import parse_args
-    from cpsl_hf.training.loop import Trainer
-
-    trainer = Trainer(parse_args(sys.argv[2:]))
-    trainer.train()
-    cpsl = trainer.stages[1]
-    state = {
-        "student": trainer.student.state_dict(),
-        "teacher": cpsl.teacher.module.state_dict(),
-        "selflabel": cpsl.self_labeling.state_dict(),
-        "step": trainer.step,
-    }
-    torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")
-    """
-)
 
 
 @pytest.mark.slow
@@ -44,11 +23,11 @@ def test_kill_9_of_two_processes_resumes_to_the_uninterrupted_weights(tmp_path, 
     )  # data once
     straight = tmp_path / "straight"
     straight.mkdir()
-    run_two_processes(DRIVER, straight, tiny_argv(straight / "run", synthetic_cache, *common))
+    run_two_processes(FINAL_STATE_DRIVER, straight, tiny_argv(straight / "run", synthetic_cache, *common))
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    (killed / "driver.py").write_text(DRIVER)
+    (killed / "driver.py").write_text(FINAL_STATE_DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -74,7 +53,7 @@ def test_kill_9_of_two_processes_resumes_to_the_uninterrupted_weights(tmp_path, 
     assert survivors and int(survivors[-1].split("-")[1]) < 8  # 2 warm-up + 6 CPSL steps: stopped early
 
     run_two_processes(
-        DRIVER,
+        FINAL_STATE_DRIVER,
         killed,
         tiny_argv(killed / "run", synthetic_cache, *common, "--resume_from_checkpoint", "latest"),
     )

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from example_stages import EntropyStage, ImageMeanStage, add_entropy_stage, student_state
 from training_helpers import (
+    FINAL_STATE_DRIVER,
     REPOSITORY,
     adaptation,
     batches,
@@ -226,28 +227,6 @@ def test_resume_at_the_warmup_to_cpsl_boundary_equals_a_straight_run(tmp_path, s
     assert list(resumed.history["warmup"]) == ["2"]  # the boundary's evaluation is not repeated
 
 
-RESUME_DRIVER = textwrap.dedent(
-    """
-    import sys
-    import torch
-    from cpsl_hf.training.arguments import parse_args
-    from cpsl_hf.training.loop import Trainer
-
-    trainer = Trainer(parse_args(sys.argv[2:]))
-    trainer.train()
-    cpsl = trainer.stages[1]
-    state = {
-        "student": trainer.student.state_dict(),
-        "teacher": cpsl.teacher.module.state_dict(),
-        "selflabel": None if cpsl.self_labeling is None else cpsl.self_labeling.state_dict(),
-        "step": trainer.step,
-        "history": trainer.history,
-    }
-    torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")
-    """
-)
-
-
 @pytest.mark.slow
 def test_two_processes_resume_across_the_boundary_equals_a_straight_run(tmp_path, synthetic_cache):
     common = (
@@ -271,7 +250,7 @@ def test_two_processes_resume_across_the_boundary_equals_a_straight_run(tmp_path
         folder = tmp_path / name
         folder.mkdir()
         output = tmp_path / ("straight_run" if name == "straight" else "resumed_run")
-        run_two_processes(RESUME_DRIVER, folder, tiny_argv(output, synthetic_cache, *common, *extra))
+        run_two_processes(FINAL_STATE_DRIVER, folder, tiny_argv(output, synthetic_cache, *common, *extra))
         results[name] = [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     assert [r["step"] for r in results["first"]] == [2, 2] and results["first"][0]["selflabel"] is None
     for rank in (0, 1):

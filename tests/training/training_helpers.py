@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -19,6 +20,29 @@ from cpsl_hf.training.building import build_model
 from cpsl_hf.training.loop import Trainer
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+
+FINAL_STATE_DRIVER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from cpsl_hf.training.arguments import parse_args
+    from cpsl_hf.training.loop import Trainer
+
+    trainer = Trainer(parse_args(sys.argv[2:]))
+    trainer.train()
+    cpsl = trainer.stages[1]
+    state = {
+        "student": trainer.student.state_dict(),
+        "teacher": cpsl.teacher.module.state_dict(),
+        "selflabel": None if cpsl.self_labeling is None else cpsl.self_labeling.state_dict(),
+        "step": trainer.step,
+        "history": trainer.history,
+    }
+    torch.save(state, f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.pt")
+    """
+)
+"""A ``run_two_processes`` driver: train, then save each rank's student, teacher, self-labeling state (None
+before the CPSL stage started), step and history to ``<folder>/rank<R>.pt``."""
 
 
 def tiny_argv(output_dir, cache, *extra):
