@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 from hub_server import LocalHub
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -81,7 +82,7 @@ def test_readme_commands_train_evaluate_predict_publish(tmp_path):
         Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(images / name)
 
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"},  # a new user's shell
         "PYTHONPATH": str(REPO),
         "HF_HOME": str(tmp_path / "hf_home"),  # no accelerate config or token of the machine's user
         "HF_HUB_OFFLINE": "1",
@@ -102,10 +103,13 @@ def test_readme_commands_train_evaluate_predict_publish(tmp_path):
         )
         return result
 
-    # 1. train: the demo, cut to one warm-up and one CPSL step on tiny images
-    step(
+    # 1. train: the demo, cut to one warm-up and one CPSL step on tiny images; on every physical core, though
+    # accelerate launch (no config, no GPU) exports OMP_NUM_THREADS=1 (--cpu_threads auto overrides it)
+    result = step(
         [*train, *TINY, "--output_dir", str(tmp_path / RUN), "--synthetic_cache_dir", str(tmp_path / "cache")]
     )
+    cores = min(psutil.cpu_count(logical=False) or 1, len(os.sched_getaffinity(0)))
+    assert f"training on {cores} CPU threads (auto:" in result.stderr, result.stderr[-3000:]
     run = tmp_path / RUN
     assert {"config.json", "model.safetensors", "metrics.json", "README.md"} <= {
         p.name for p in run.iterdir()

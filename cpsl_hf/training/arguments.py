@@ -37,6 +37,8 @@ import yaml
 
 from cpsl_hf.data import registry
 
+from .cpu_threads import parse_cpu_threads
+
 KNOWN_DATASETS = registry.TRAINING_DATASETS
 """Dataset names ``--source`` / ``--target`` accept (from the registry); anything else must be a prepared folder
 or a Hub repo id."""
@@ -548,6 +550,14 @@ class UDATrainingArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "Autocast precision (Sinkhorn always runs in float32)."}
     )
+    cpu_threads: str = field(
+        default="auto",
+        metadata={
+            "help": "CPU threads per process when training on the CPU: N, or auto (a value the user set in "
+            "OMP_NUM_THREADS, else the physical cores divided by the processes of the node; wins over the "
+            "one thread accelerate launch and torchrun fall back to)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed."})
     deterministic: bool = field(
         default=False, metadata={"help": "torch.use_deterministic_algorithms: bit-exact resumes."}
@@ -628,6 +638,10 @@ class UDATrainingArguments:
             if value is not None and value < 1:
                 raise ConfigurationError(f"--{name} must be >= 1 (or unset)")
         self._check_optimisation()
+        try:
+            parse_cpu_threads(self.cpu_threads)
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
         if self.max_train_time is not None:
             parse_duration(self.max_train_time)  # raises ConfigurationError when malformed
         hub_parts = (self.hub_model_id or "").split("/")

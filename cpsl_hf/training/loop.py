@@ -36,6 +36,7 @@ from . import export
 from .arguments import RunArguments, parse_duration, validate_against_datasets
 from .building import build_model, load_domain_dataset, make_optimizer, parameter_groups, peek_dataset
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .cpu_threads import configure_cpu_threads, parse_cpu_threads
 from .diagnostics import PseudoLabelMonitor
 from .faults import NonFiniteTraining, Preempted, StopRequest
 from .schedule import schedule_lr_factor
@@ -88,6 +89,9 @@ class Trainer:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if not accelerator.is_main_process:
             logging.getLogger("cpsl_hf").setLevel(logging.WARNING)
+        self.cpu_threads = configure_cpu_threads(
+            parse_cpu_threads(training.cpu_threads), on_cpu=accelerator.device.type == "cpu"
+        )
         set_seed(training.seed)  # same on every process: identical initial weights
         self.device = accelerator.device
         if accelerator.is_main_process:
