@@ -1,5 +1,8 @@
 """CPSL's self-labeling core in plain torch: a plug-in for any self-training loop.
 
+It needs only torch: ``import cpsl_hf.selflabel`` imports neither transformers nor accelerate
+(``tests/test_imports.py``).
+
 - :func:`sinkhorn`: class-balanced Sinkhorn-Knopp (float32+, autocast-proof, zero-mass rows for a filling bank).
 - :class:`MemoryBank`: FIFO ring buffer with a device-side pointer.
 - :func:`class_balanced_sample`, :func:`uniform_sample`: static-shape per-image pixel sampling.
