@@ -75,8 +75,17 @@ def _guarded_step(trainer, stage):
         (),
         ("--method", "mean_teacher", "--consistency", "symmetric"),
         ("--mix", "classmix", "--mix_prob", "1.0", "--sl_logits_branch", "--rectify_threshold", "0.2"),
+        (
+            "--pseudo_labels",
+            "offline",
+            "--max_grad_norm",
+            "1.0",
+            "--ema_ramp",
+            "--prototype_optimizer",
+            "adamw",
+        ),
     ],
-    ids=["cpsl", "mean_teacher", "classmix_logits_branch"],
+    ids=["cpsl", "mean_teacher", "classmix_logits_branch", "offline_clipped_ramp_adamw_prototypes"],
 )
 def test_training_step_never_synchronises_with_the_host(tmp_path, flags, accelerator_paths):
     trainer = prepared(tmp_path / "run", tmp_path / "cache", *flags)
@@ -106,7 +115,7 @@ def test_the_guard_catches_a_host_copy(tmp_path, accelerator_paths, monkeypatch)
 
     def reads_a_value(self, *args):
         losses = total_loss(self, *args)
-        float(losses["loss"])
+        float(losses["loss"].detach())
         return losses
 
     monkeypatch.setattr(type(stage), "total_loss", reads_a_value)
