@@ -82,7 +82,7 @@ def reference_images_per_second_per_gpu(reference: dict = REFERENCE_RECIPE) -> f
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     # Dense (no structured sparsity) tensor-core peaks from the vendor datasheets, TFLOP/s.
     "H100 SXM": {"bf16": 989.4, "tf32": 494.7},
-    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0},
+    "H100 PCIe": {"bf16": 756.5, "tf32": 378.0},
     "H200": {"bf16": 989.4, "tf32": 494.7},  # H200 SXM: the H100 SXM's tensor cores
     "A100 80GB": {"bf16": 312.0, "tf32": 156.0},
     "A100 40GB": {"bf16": 312.0, "tf32": 156.0},
@@ -96,7 +96,7 @@ GPU_NAME_PATTERNS: list[tuple[str, str]] = [
     # peaks differ match nothing (MFU '-').
     (r"H100.*PCIe", "H100 PCIe"),
     (r"H100.*(SXM|HBM3)", "H100 SXM"),  # the SXM5 part reports itself as "NVIDIA H100 80GB HBM3"
-    (r"H200(?!.*NVL)", "H200"),
+    (r"H200(?!.*NVL)", "H200"),  # also GH200 (the same dense peaks)
     (r"A100.*80GB", "A100 80GB"),
     (r"A100.*40GB", "A100 40GB"),
     (r"L40S", "L40S"),
