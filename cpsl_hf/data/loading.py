@@ -162,6 +162,7 @@ class EndlessLoader:
         num_processes: int = 1,
         shuffle_buffer_size: int = 256,
         prefetch_factor: int = 2,
+        pin_memory: bool = False,
     ):
         import datasets
         from datasets.distributed import split_dataset_by_node
@@ -199,6 +200,7 @@ class EndlessLoader:
             collate_fn=_identity,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            pin_memory=pin_memory,
         )
         self._iterator = None
 
@@ -284,6 +286,7 @@ def build_train_loader(
     num_processes: int = 1,
     shuffle_buffer_size: int = 256,
     prefetch_factor: int = 2,
+    pin_memory: bool = False,
 ) -> EndlessLoader:
     """An :class:`EndlessLoader` of training batches for process ``process_index`` of ``num_processes``.
 
@@ -296,6 +299,9 @@ def build_train_loader(
         num_workers: DataLoader worker processes that decode and resize.
         process_index, num_processes: data-parallel rank and world size; processes see disjoint samples.
         shuffle_buffer_size: streaming only, the ``IterableDataset.shuffle`` buffer (undecoded rows).
+        pin_memory: ``DataLoader(pin_memory=...)``: batches in page-locked memory, so that the trainer's
+            ``.to(device, non_blocking=True)`` copies them to a CUDA device asynchronously (the trainer passes
+            True on CUDA; pinning needs an accelerator).
     """
     return EndlessLoader(
         dataset,
@@ -307,6 +313,7 @@ def build_train_loader(
         num_processes=num_processes,
         shuffle_buffer_size=shuffle_buffer_size,
         prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory,
     )
 
 

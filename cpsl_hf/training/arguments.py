@@ -558,6 +558,16 @@ class UDATrainingArguments:
             "one thread accelerate launch and torchrun fall back to)."
         },
     )
+    allow_tf32: bool = field(
+        default=True,
+        metadata={
+            "help": "On CUDA, let float32 matmuls and cuDNN convolutions use TF32 tensor cores "
+            "(torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32, set while the run "
+            "trains and put back after it; Ampere and newer GPUs, several times faster, 10-bit mantissa "
+            "products). --allow_tf32 false: full float32 products. No effect on the CPU; under bf16 / fp16 "
+            "autocast only the ops that stay in float32 are concerned."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed."})
     deterministic: bool = field(
         default=False, metadata={"help": "torch.use_deterministic_algorithms: bit-exact resumes."}

@@ -107,7 +107,12 @@ class EMATeacher(nn.Module):
         weight = 1.0 - self.current_momentum()
         if enabled is not None:
             weight = enabled.to(device=teacher_params[0].device, dtype=torch.float32) * weight
-        torch._foreach_lerp_(teacher_params, student_params, weight)
+        if torch.is_tensor(weight):
+            # The Scalar overload would read a tensor weight on the host (``.item()``, a sync per step); the
+            # List overload takes the 0-dim tensor as each parameter's weight (broadcast), on the device.
+            torch._foreach_lerp_(teacher_params, student_params, [weight] * len(teacher_params))
+        else:
+            torch._foreach_lerp_(teacher_params, student_params, weight)
         if teacher_buffers:
             torch._foreach_copy_(teacher_buffers, student_buffers)
         self.num_updates += 1

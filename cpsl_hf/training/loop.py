@@ -94,6 +94,7 @@ class Trainer:
         )
         set_seed(training.seed)  # same on every process: identical initial weights
         self.device = accelerator.device
+        self._configure_matmul_precision()
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._build_data()
@@ -113,6 +114,12 @@ class Trainer:
             stage.setup(self)
         if training.report_to != "none":
             accelerator.init_trackers("cpsl", config=_flat_config(self.args))
+
+    def _configure_matmul_precision(self) -> None:
+        """On CUDA, TF32 float32 matmuls and cuDNN convolutions as ``--allow_tf32`` says (:meth:`train` puts the
+        process's previous settings back)."""
+        if self.device.type == "cuda":
+            set_tf32(self.args.training.allow_tf32)
 
     def _claim_output_dir(self) -> None:
         """The main process checks the output folder and locks it (:mod:`cpsl_hf.training.run_folder`); every
@@ -203,6 +210,8 @@ class Trainer:
             num_workers=data.num_workers,
             process_index=accelerator.process_index,
             num_processes=accelerator.num_processes,
+            # On CUDA, page-locked batches: next_batch's non_blocking copies are then asynchronous.
+            pin_memory=self.device.type == "cuda",
         )
         self.source_loader = build_train_loader(
             self.source_train, training.source_batch_size, image_size=_size(data.source_resize),
@@ -443,11 +452,13 @@ class Trainer:
         ``--max_train_time`` (a checkpoint saved), :class:`~cpsl_hf.training.faults.NonFiniteTraining` (70)
         after ``--max_nonfinite_steps`` consecutive non-finite steps (nothing saved)."""
         deterministic_before = torch.are_deterministic_algorithms_enabled()
+        tf32_before = tf32_settings()
         try:
             with self.stop_request:  # the previous signal handlers come back when training ends
                 return self._train()
         finally:  # leave the process as it was (tests and notebooks run several trainings)
             torch.use_deterministic_algorithms(deterministic_before)
+            set_tf32(*tf32_before)
             if self.folder_lock is not None:
                 self.folder_lock.release()
 
@@ -769,6 +780,18 @@ def _make_accelerator(training, output_dir: Path):
     )
 
 
+def tf32_settings() -> tuple[bool, bool]:
+    """``(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)``."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def set_tf32(matmul: bool, cudnn: bool | None = None) -> None:
+    """Allow (or not) TF32 in CUDA float32 matmuls and, with the same value unless ``cudnn`` is given, in cuDNN
+    convolutions. The flags can be set without CUDA (they then do nothing)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(matmul)
+    torch.backends.cudnn.allow_tf32 = bool(matmul if cudnn is None else cudnn)
+
+
 def _size(values) -> tuple[int, int] | None:
     return tuple(values) if values else None
 
@@ -782,4 +805,4 @@ def _flat_config(args: RunArguments) -> dict[str, Any]:
     return flat
 
 
-__all__ = ["LogWindow", "Trainer", "train"]
+__all__ = ["LogWindow", "Trainer", "set_tf32", "tf32_settings", "train"]
