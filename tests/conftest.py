@@ -9,6 +9,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per test worker, for this process and the ones its tests start (two workers share two cores;
+# --cpu_threads auto respects a value set here, as it respects a user's).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
