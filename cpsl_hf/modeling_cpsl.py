@@ -30,6 +30,51 @@ AUTO_MAP = {
 }
 """The ``auto_map`` written into every saved ``config.json`` (remote-code entry points)."""
 
+
+def resize_bilinear(maps: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """N x C x h x w maps resized to N x C x H x W, bilinear with ``align_corners=False`` (``F.interpolate``'s
+    values, to float rounding), in the maps' dtype; the maps themselves when they already have that size (the
+    identity, exactly).
+
+    On the CPU it is two matrix products with the separable interpolation weights (each output row and column
+    mixes two input ones), ``A_h @ maps @ A_w^T``: there ``F.interpolate``'s backward is a scalar loop that needs
+    a contiguous gradient, and it took a quarter of a SegFormer training step (the decode head's four
+    upsamplings and the loss's); the products and their gradients run on the BLAS. Elsewhere (CUDA) it is
+    ``F.interpolate``.
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    if maps.device.type != "cpu" or not maps.is_floating_point():
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    rows = _interpolation_weights(maps.shape[-2], size[0]).to(maps.dtype)
+    columns = _interpolation_weights(maps.shape[-1], size[1]).to(maps.dtype)
+    with torch.autocast(device_type="cpu", enabled=False):  # in the maps' dtype, as F.interpolate
+        return torch.matmul(torch.matmul(rows, maps), columns.T)
+
+
+_INTERPOLATION_WEIGHTS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _interpolation_weights(input_size: int, output_size: int) -> torch.Tensor:
+    """output_size x input_size float64 weights of 1-D linear interpolation with ``align_corners=False``, as
+    PyTorch computes them: source coordinate ``(i + 0.5) * input_size / output_size - 0.5`` clamped at 0, its
+    floor and the next index (the last one repeated at the border), weighted by the distance (rows sum to 1)."""
+    key = (input_size, output_size)
+    if key not in _INTERPOLATION_WEIGHTS:
+        source = (torch.arange(output_size, dtype=torch.float64) + 0.5) * (input_size / output_size) - 0.5
+        source = source.clamp(min=0)
+        lower = source.floor().long().clamp(max=input_size - 1)
+        upper = (lower + 1).clamp(max=input_size - 1)
+        upper_weight = source - lower
+        weights = torch.zeros(output_size, input_size, dtype=torch.float64)
+        rows = torch.arange(output_size)
+        weights.index_put_((rows, lower), 1 - upper_weight, accumulate=True)
+        weights.index_put_((rows, upper), upper_weight, accumulate=True)
+        _INTERPOLATION_WEIGHTS[key] = weights
+    return _INTERPOLATION_WEIGHTS[key]
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -80,7 +125,7 @@ class CPSLSegformerDecodeHead(nn.Module):
     def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         target_size = encoder_hidden_states[0].shape[2:]
         projected = [
-            F.interpolate(projection(features), size=target_size, mode="bilinear", align_corners=False)
+            resize_bilinear(projection(features), target_size)
             for features, projection in zip(encoder_hidden_states, self.linear_projections)
         ]
         normalized = self.batch_norm(self.linear_fuse(torch.cat(projected[::-1], dim=1)))
@@ -400,7 +445,7 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
                 f"CPSLForSemanticSegmentation: labels must be N x H x W with N={logits.shape[0]}, "
                 f"got {tuple(labels.shape)}."
             )
-        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        upsampled = resize_bilinear(logits, labels.shape[-2:])
         labels = labels.long()
         with torch.autocast(device_type=logits.device.type, enabled=False):
             upsampled = upsampled.to(torch.promote_types(upsampled.dtype, torch.float32))

@@ -6,7 +6,7 @@ It needs only torch: ``import cpsl_hf.selflabel`` imports neither transformers n
 - :func:`sinkhorn`: class-balanced Sinkhorn-Knopp (float32+, autocast-proof, zero-mass rows for a filling bank).
 - :class:`MemoryBank`: FIFO ring buffer with a device-side pointer.
 - :func:`class_balanced_sample`, :func:`uniform_sample`: static-shape per-image pixel sampling.
-- :class:`ClassPrior`, :func:`class_histogram`, :func:`rectify`: distribution alignment and pseudo-label rectification.
+- :class:`ClassPrior`, :func:`class_histogram`, :func:`rectify`, :func:`class_argmax`: distribution alignment and pseudo-label rectification.
 - :func:`prototypes_from_features`, :class:`PrototypeAccumulator`: class-mean prototype initialisation.
 - losses: :func:`self_labeling_loss`, :func:`symmetric_kl`, :func:`one_way_kl`, :func:`rce_loss`,
   :func:`symmetric_ce_loss`, :func:`masked_cross_entropy`.
@@ -25,7 +25,7 @@ from .losses import (
 )
 from .memory import MemoryBank
 from .module import SelfLabeling, SelfLabelingOutput, cosine_logits
-from .prior import ClassPrior, class_histogram, rectify
+from .prior import ClassPrior, class_argmax, class_histogram, rectify
 from .prototypes import PrototypeAccumulator, prototypes_from_features
 from .sampling import class_balanced_sample, uniform_sample
 from .sinkhorn import sinkhorn
@@ -39,6 +39,7 @@ __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
     "class_balanced_sample",
+    "class_argmax",
     "class_histogram",
     "cosine_logits",
     "masked_cross_entropy",

@@ -29,7 +29,7 @@ from torch import nn
 from .distributed import all_gather_rows, all_reduce_sum, process_rank_and_count
 from .losses import self_labeling_loss
 from .memory import MemoryBank
-from .prior import ClassPrior, class_histogram, rectify
+from .prior import ClassPrior, class_argmax, class_histogram, rectify
 from .sampling import class_balanced_sample, uniform_sample
 from .sinkhorn import sinkhorn
 
@@ -310,10 +310,10 @@ class SelfLabeling(nn.Module):
             p_st = p_st.detach().float()
             labels = self.pseudo_labels(sl_probs, p_st, valid_mask)
             labelled = labels != self.ignore_index
-            p_st_argmax = p_st.argmax(dim=1)
+            p_st_argmax = class_argmax(p_st)
             changed = labelled & (labels != p_st_argmax)
             valid = torch.ones_like(labelled) if valid_mask is None else valid_mask.bool()
-            agree = valid & (sl_probs.argmax(dim=1) == p_st_argmax)
+            agree = valid & (class_argmax(sl_probs) == p_st_argmax)
 
             # 2. Sample M pixels per image; their L2-normalised teacher embeddings.
             indices, sample_valid = self.sample(labels, generator=generator)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prior import class_argmax
+
 __all__ = ["PrototypeAccumulator", "prototypes_from_features"]
 
 
@@ -57,7 +59,7 @@ class PrototypeAccumulator(nn.Module):
                     "PrototypeAccumulator.update: probs must be N x C x h x w = "
                     f"{(num_images, self.num_classes, height, width)}, got {tuple(probs.shape)}"
                 )
-            labels = probs.argmax(dim=1)
+            labels = class_argmax(probs)
         else:
             if probs.shape != (num_images, height, width):
                 raise ValueError(

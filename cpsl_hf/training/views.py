@@ -24,6 +24,7 @@ from cpsl_hf.data.transforms import (
     warp_to_view,
     weak_augment,
 )
+from cpsl_hf.modeling_cpsl import resize_bilinear
 from cpsl_hf.selflabel import masked_cross_entropy
 
 PHOTOMETRIC_OPS = tuple(name for name in RANDAUGMENT_OPS if name not in GEOMETRIC_OPS)
@@ -117,7 +118,7 @@ def upsampled(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """N x C x h x w float maps resized (bilinear) to ``size``; the same tensor when already that size."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+    return resize_bilinear(maps.float(), size)
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

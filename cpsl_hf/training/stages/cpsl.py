@@ -40,6 +40,7 @@ from cpsl_hf.selflabel import (
     PrototypeAccumulator,
     SelfLabeling,
     SelfLabelingOutput,
+    class_argmax,
     class_histogram,
     cosine_logits,
     masked_cross_entropy,
@@ -209,7 +210,7 @@ class CPSLStage(Stage):
             probs = out.logits.float().softmax(dim=1)
             if self_labeling:
                 accumulator.update(out.embeddings.float(), probs)
-                histogram += class_histogram(probs.argmax(dim=1), run.num_classes)
+                histogram += class_histogram(class_argmax(probs), run.num_classes)
             if cpsl.pseudo_labels == "offline":
                 stored.append(OfflinePseudoLabels.compress(probs).cpu())
                 names.extend(batch["name"])
@@ -493,10 +494,10 @@ def _record(weak, p_st, labels, valid, p_sl) -> PseudoLabelRecord:
     outside = torch.full_like(labels, IGNORE_INDEX)
     return PseudoLabelRecord(
         params=weak.params,
-        p_st_labels=torch.where(valid, p_st.argmax(dim=1), outside),
+        p_st_labels=torch.where(valid, class_argmax(p_st), outside),
         pseudo_labels=labels,
         valid=valid,
-        p_sl_labels=None if p_sl is None else torch.where(valid, p_sl.argmax(dim=1), outside),
+        p_sl_labels=None if p_sl is None else torch.where(valid, class_argmax(p_sl), outside),
     )
 
 

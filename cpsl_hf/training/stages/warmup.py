@@ -4,14 +4,13 @@ fool an output-space discriminator on target crops (AdaptSegNet; the reference's
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cpsl_hf.data.protocols import IGNORE_INDEX
 from cpsl_hf.data.transforms import normalize
 from cpsl_hf.selflabel import masked_cross_entropy
 from cpsl_hf.training.adversarial import OutputDiscriminator, discriminator_loss, generator_loss
-from cpsl_hf.training.views import cross_entropy_at
+from cpsl_hf.training.views import cross_entropy_at, upsampled
 
 from .base import Stage, StepOutput
 
@@ -82,7 +81,7 @@ class AdversarialWarmupStage(WarmupStage):
         num_source = source.images.shape[0]
         with run.accelerator.autocast():
             logits = run.model(normalize(torch.cat([source.images, target.images]))).logits
-        logits = F.interpolate(logits.float(), size=run.views.crop_size, mode="bilinear", align_corners=False)
+        logits = upsampled(logits.float(), run.views.crop_size)
         probabilities = logits.softmax(dim=1)
         loss_source = masked_cross_entropy(logits[:num_source], source.labels, IGNORE_INDEX)
         plain_discriminator = run.accelerator.unwrap_model(self.discriminator)

@@ -1,0 +1,58 @@
+"""``resize_bilinear``: ``F.interpolate(mode="bilinear", align_corners=False)``'s values and gradients (to float
+rounding) as matrix products on the CPU; the identity at the same size."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cpsl_hf.modeling_cpsl import _interpolation_weights, resize_bilinear
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((2, 3, 8, 8), (32, 32)),  # x4, the SegFormer head's and the loss's
+        ((1, 5, 4, 4), (32, 32)),  # x8
+        ((2, 19, 32, 32), (128, 128)),
+        ((1, 2, 7, 5), (23, 11)),  # odd, non-integer factors
+        ((1, 2, 17, 13), (5, 4)),  # downsampling
+        ((3, 1, 1, 1), (3, 6)),  # a single pixel
+        ((1, 4, 9, 16), (9, 40)),  # one axis unchanged
+    ],
+)
+def test_values_and_gradients_are_those_of_interpolate(shape, size):
+    generator = torch.Generator().manual_seed(sum(shape) + sum(size))
+    maps = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+    reference = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    resized = resize_bilinear(maps, size)
+    assert resized.shape == reference.shape and resized.dtype == torch.float64
+    torch.testing.assert_close(resized, reference, rtol=0, atol=1e-12)
+    upstream = torch.randn(reference.shape, dtype=torch.float64, generator=generator)
+    (gradient,) = torch.autograd.grad(resized, maps, upstream)
+    (reference_gradient,) = torch.autograd.grad(reference, maps, upstream)
+    torch.testing.assert_close(gradient, reference_gradient, rtol=0, atol=1e-12)
+    # float32 agrees to float32 rounding
+    single = maps.detach().float()
+    torch.testing.assert_close(
+        resize_bilinear(single, size),
+        F.interpolate(single, size=size, mode="bilinear", align_corners=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_the_same_size_is_the_identity_and_autocast_keeps_the_dtype():
+    maps = torch.randn(2, 3, 5, 6)
+    assert resize_bilinear(maps, (5, 6)) is maps
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resize_bilinear(maps, (10, 12)).dtype == torch.float32  # the maps' dtype, not autocast's
+        assert resize_bilinear(maps.bfloat16(), (10, 12)).dtype == torch.bfloat16
+
+
+def test_interpolation_weights_by_hand():
+    # 2 -> 4: source coordinates -0.25 (clamped to 0), 0.25, 0.75, 1.25 (border: the last index repeated)
+    expected = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(_interpolation_weights(2, 4), expected, rtol=0, atol=0)
+    # 4 -> 2: source coordinates 0.5 and 2.5
+    expected = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(_interpolation_weights(4, 2), expected, rtol=0, atol=0)
