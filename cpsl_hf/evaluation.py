@@ -160,14 +160,23 @@ class ConfusionMatrix:
 
     def _ids_histogram(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Histogram of flat class ids and labels (``P`` pixels), ``CHUNK_PIXELS`` at a time."""
-        pixels = labels.numel()
-        step = pixels if self._chunk_pixels is None else min(pixels, self._chunk_pixels)
         histogram = torch.zeros(self._bins, dtype=torch.int64, device=self.device)
-        scratch = _scratch(max(step, 1), self.device)
+        scratch = _scratch(max(self._chunk_size(labels.numel()), 1), self.device)
+        self._add_ids(histogram, predictions, labels, scratch)
+        return histogram
+
+    def _chunk_size(self, pixels: int) -> int:
+        return pixels if self._chunk_pixels is None else min(pixels, self._chunk_pixels)
+
+    def _add_ids(
+        self, histogram: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, scratch
+    ) -> None:
+        """Add flat class ids and labels (``P`` pixels) to ``histogram``, ``CHUNK_PIXELS`` at a time."""
+        pixels = labels.numel()
+        step = max(self._chunk_size(pixels), 1)
         for start in range(0, pixels, step):  # chunks of pixels (a fixed count per image size)
             chunk = slice(start, start + step)
             self._add(histogram, self._index(predictions[chunk], labels[chunk], scratch), scratch)
-        return histogram
 
     @staticmethod
     def _add(histogram: torch.Tensor, index: torch.Tensor, scratch) -> None:
@@ -191,14 +200,12 @@ class ConfusionMatrix:
         size = labels.shape[-2:]
         if logits.shape[-2:] == size:
             bands = _row_bands(labels.shape[0] * size[1], size[0], self._chunk_pixels)
-            return self._sum_bands(
-                lambda top, bottom: _argmax(logits[:, :, top:bottom]), labels, bands, factor=1
-            )
+            return self._sum_bands(lambda top, bottom: logits[:, :, top:bottom], labels, bands, factor=1)
         factor = _chunkable_factor(logits, size)
         if factor is None:  # the whole tensor at once, as F.interpolate does it
             upsampled = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
             return self._sum_bands(
-                lambda top, bottom: _argmax(upsampled[:, :, top:bottom]),
+                lambda top, bottom: upsampled[:, :, top:bottom],
                 labels,
                 _row_bands(labels.shape[0] * size[1], size[0], self._chunk_pixels),
                 factor=1,
@@ -206,22 +213,25 @@ class ConfusionMatrix:
         height = logits.shape[2]
         bands = _row_bands(labels.shape[0] * size[1] * factor, height, UPSAMPLE_CHUNK_PIXELS)
         return self._sum_bands(
-            lambda top, bottom: _upsampled_argmax(logits, top, bottom, factor, size[1]),
+            lambda top, bottom: _upsampled_band(logits, top, bottom, factor, size[1]),
             labels,
             bands,
             factor=factor,
         )
 
-    def _sum_bands(self, predict, labels: torch.Tensor, bands, factor: int) -> torch.Tensor:
-        """Sum of the histograms of ``predict(top, bottom)`` (``N x factor*(bottom-top) x W`` class ids) and
-        the matching label rows, over the row ``bands`` (in units of ``factor`` label rows)."""
+    def _sum_bands(self, scores, labels: torch.Tensor, bands, factor: int) -> torch.Tensor:
+        """Sum of the histograms of the argmax of ``scores(top, bottom)`` (``N x C x factor*(bottom-top) x W``)
+        and the matching label rows, over the row ``bands`` (in units of ``factor`` label rows). The argmax
+        runs on sub-bands of about ``CHUNK_PIXELS`` (``max(1)`` is faster on small ones)."""
         histogram = torch.zeros(self._bins, dtype=torch.int64, device=self.device)
-        tallest = max(bottom - top for top, bottom in bands)
-        scratch = _scratch(labels.shape[0] * tallest * factor * labels.shape[2], self.device)
+        pixels_per_row = labels.shape[0] * labels.shape[2]
+        scratch = _scratch(max(self._chunk_size(pixels_per_row * labels.shape[1]), 1), self.device)
         for top, bottom in bands:  # bands of rows: bounded memory, a fixed count per image size
-            predictions = predict(top, bottom)
+            band = scores(top, bottom)
             band_labels = labels[:, top * factor : bottom * factor]
-            self._add(histogram, self._index(predictions, band_labels, scratch), scratch)
+            for first, last in _row_bands(pixels_per_row, band.shape[2], self._chunk_pixels):
+                predictions = _argmax(band[:, :, first:last]).reshape(-1)
+                self._add_ids(histogram, predictions, band_labels[:, first:last].reshape(-1), scratch)
         return histogram
 
     def _accumulate(self, histogram: torch.Tensor, num_images: int) -> None:
@@ -400,12 +410,10 @@ def _chunkable_factor(logits: torch.Tensor, size: torch.Size) -> int | None:
     return factor
 
 
-def _upsampled_argmax(
-    logits: torch.Tensor, top: int, bottom: int, factor: int, out_width: int
-) -> torch.Tensor:
-    """Argmax over classes of rows ``factor * top .. factor * bottom`` of the bilinear (``align_corners=False``)
-    float32 upsampling of ``logits`` ``N x C x h x w`` to ``N x C x factor*h x out_width`` -> int64
-    ``N x factor*(bottom-top) x out_width``, computed on the band of input rows ``top-1 .. bottom`` only."""
+def _upsampled_band(logits: torch.Tensor, top: int, bottom: int, factor: int, out_width: int) -> torch.Tensor:
+    """Rows ``factor * top .. factor * bottom`` of the bilinear (``align_corners=False``) float32 upsampling of
+    ``logits`` ``N x C x h x w`` to ``N x C x factor*h x out_width`` -> float32
+    ``N x C x factor*(bottom-top) x out_width``, computed on the band of input rows ``top-1 .. bottom`` only."""
     first, last = max(top - 1, 0), min(bottom + 1, logits.shape[2])
     band = F.interpolate(
         logits[:, :, first:last].float(),
@@ -413,7 +421,7 @@ def _upsampled_argmax(
         mode="bilinear",
         align_corners=False,
     )
-    return _argmax(band[:, :, factor * (top - first) : factor * (bottom - first)])
+    return band[:, :, factor * (top - first) : factor * (bottom - first)]
 
 
 def _nanmean(values: torch.Tensor) -> float:
