@@ -405,7 +405,7 @@ def _chunkable_factor(logits: torch.Tensor, size: torch.Size) -> int | None:
     if logits.device.type != "cpu" or not logits.is_contiguous() or height < 2 or out_height % height:
         return None
     factor = out_height // height
-    if factor & (factor - 1) or factor > 1 << 10 or out_height >= 1 << 20 or out_width <= 128:
+    if factor < 1 or factor & (factor - 1) or factor > 1 << 10 or out_height >= 1 << 20 or out_width <= 128:
         return None  # not a power of two, or an output this kernel might special-case
     return factor
 

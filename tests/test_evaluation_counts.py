@@ -179,3 +179,50 @@ def test_ties_nan_and_infinite_logits_pick_the_class_argmax_picks(chunks):
         confusion = ConfusionMatrix(C)
         confusion.update(logits, torch.from_numpy(crop))
         assert_counts(confusion, interpolate_argmax(logits, size), crop)
+
+
+def test_evaluate_model_low_resolution_path_equals_upsampling_first(monkeypatch):
+    """evaluate_model without flip / sliding window hands update() the model's 1/4-size logits; the matrix
+    equals that of upsampling the whole batch first (predict_logits) and counting its argmax."""
+    from cpsl_hf import CPSLConfig, CPSLForSemanticSegmentation
+    from cpsl_hf.evaluation import evaluate_model
+    from cpsl_hf.inference import predict_logits
+
+    torch.manual_seed(0)
+    config = CPSLConfig.from_preset(
+        "segformer-tiny",
+        num_labels=C,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 32, 64],
+        decoder_hidden_size=32,
+    )
+    model = CPSLForSemanticSegmentation(config).eval()
+    rng = np.random.default_rng(8)
+    batches = []
+    for size in ((64, 160), (64, 160), (36, 52)):  # row bands (x4, wide) and the whole-tensor fallback
+        labels = rng.integers(0, C, size=(2, *size))
+        labels[rng.random(labels.shape) < 0.2] = 255
+        pixel_values = rng.integers(0, 256, size=(2, 3, *size), dtype=np.uint8)
+        batches.append({"pixel_values": torch.from_numpy(pixel_values), "labels": torch.from_numpy(labels)})
+    low = predict_logits(model, batches[0]["pixel_values"], upsample=False)
+    assert low.shape[-2:] == (16, 40) and low.dtype == torch.float32  # the model's own resolution
+    with pytest.raises(ValueError, match="neither flip nor sliding_window"):
+        predict_logits(model, batches[0]["pixel_values"], flip=True, upsample=False)
+    with torch.inference_mode():
+        upsampled = [predict_logits(model, batch["pixel_values"]) for batch in batches]
+    predictions = np.concatenate([logits.argmax(1).numpy().ravel() for logits in upsampled])
+    labels = np.concatenate([batch["labels"].numpy().ravel() for batch in batches])
+    expected, _, _ = reference_counts(predictions, labels, C, 255)
+
+    updates = []
+    original_update = ConfusionMatrix.update
+
+    def recording_update(self, logits, labels):
+        updates.append((tuple(logits.shape), self))
+        original_update(self, logits, labels)
+
+    monkeypatch.setattr(ConfusionMatrix, "update", recording_update)
+    metrics = evaluate_model(model, batches, num_classes=C, progress=False)
+    assert [shape for shape, _ in updates] == [(2, C, 16, 40), (2, C, 16, 40), (2, C, 9, 13)]
+    np.testing.assert_array_equal(updates[-1][1].matrix.numpy(), expected)
+    assert metrics["num_images"] == 6
