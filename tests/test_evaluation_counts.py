@@ -55,11 +55,14 @@ def assert_counts(confusion: ConfusionMatrix, predictions, labels, ignore_index:
     assert confusion.matrix.dtype == torch.int64
 
 
-@pytest.fixture(params=["default chunks", "small chunks"])
+@pytest.fixture(params=["default chunks", "small chunks", "one pass"])
 def chunks(request, monkeypatch):
     if request.param == "small chunks":  # many chunks and bands, ragged last ones
         monkeypatch.setattr(evaluation, "CHUNK_PIXELS", 97)
         monkeypatch.setattr(evaluation, "UPSAMPLE_CHUNK_PIXELS", 1000)
+    elif request.param == "one pass":  # the whole update at once, as on accelerators
+        monkeypatch.setattr(evaluation, "CHUNK_PIXELS", None)
+        monkeypatch.setattr(evaluation, "UPSAMPLE_CHUNK_PIXELS", None)
     return request.param
 
 
