@@ -54,13 +54,14 @@ __all__ = [
 
 CHUNK_PIXELS = 1 << 15
 """Pixels per chunk of :meth:`ConfusionMatrix.update` on class ids: each chunk's few operations run on
-cache-resident int64 slices, and at 32768 elements they stay at ATen's parallel grain, so they run on the
-calling thread (no thread-pool wake-up per operation, which on a loaded machine costs more than the work)."""
+cache-resident int64 slices, and at 32768 elements they do not exceed ATen's parallel grain, so they run on
+the calling thread (no thread-pool wake-up per operation, which on a loaded machine costs more than the work).
+Also the sub-band size of the argmax of logits. ``None``: the whole update at once (as on accelerators)."""
 
 UPSAMPLE_CHUNK_PIXELS = 1 << 17
 """Output pixels (``N x rows x W``) per chunk of the bilinear upsampling of logits in :meth:`ConfusionMatrix.update`:
 ``C x`` that many float32 values (about 10 MB for 19 classes) are live at a time instead of the whole
-``N x C x H x W`` upsampled tensor."""
+``N x C x H x W`` upsampled tensor. ``None``: one band."""
 
 _MAX_LABEL_ROWS = 1024  # histogram rows (label values) spanned by clamping; beyond: ignore_index is remapped
 
