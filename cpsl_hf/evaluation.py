@@ -52,13 +52,31 @@ __all__ = [
 ]
 
 
+CHUNK_PIXELS = 1 << 15
+"""Pixels per chunk of :meth:`ConfusionMatrix.update` on class ids: each chunk's few operations run on
+cache-resident int64 slices, and at 32768 elements they do not exceed ATen's parallel grain, so they run on
+the calling thread (no thread-pool wake-up per operation, which on a loaded machine costs more than the work).
+Also the sub-band size of the argmax of logits. ``None``: the whole update at once (as on accelerators)."""
+
+UPSAMPLE_CHUNK_PIXELS = 1 << 17
+"""Output pixels (``N x rows x W``) per chunk of the bilinear upsampling of logits in :meth:`ConfusionMatrix.update`:
+``C x`` that many float32 values (about 10 MB for 19 classes) are live at a time instead of the whole
+``N x C x H x W`` upsampled tensor. ``None``: one band."""
+
+_MAX_LABEL_ROWS = 1024  # histogram rows (label values) spanned by clamping; beyond: ignore_index is remapped
+
+
 class ConfusionMatrix:
     """A ``num_classes x num_classes`` int64 confusion matrix (rows: ground truth, columns: prediction).
 
-    Updates stay on the device and never synchronise with the host: the counts are a ``bincount`` of
-    ``label * C + prediction`` (on accelerators a ``scatter_add_`` into a fixed-size buffer, because CUDA's
-    ``bincount`` reads the maximum back to the host). Label values other than ``0 .. C-1`` and
-    ``ignore_index`` are counted on the device and reported as an error by :meth:`compute`.
+    Updates stay on the device and never synchronise with the host. Each update is one histogram (a
+    ``scatter_add_`` of ones into a fixed-size buffer, chunk by chunk on CPU) of
+    ``row(label) * K + column(prediction)``, where the
+    rows are the clamped label values (``0 .. C-1``, ``ignore_index`` and the out-of-range ones) and the
+    ``K = C + 2`` columns the predictions ``< 0``, ``0 .. C-1`` and ``>= C``. The matrix, the number of label
+    values other than ``0 .. C-1`` and ``ignore_index`` and the number of labelled pixels with a prediction
+    outside ``0 .. C-1`` are read off that histogram on the device; :meth:`compute` reports the last two as
+    errors. Pixels whose label is ``ignore_index`` count nowhere.
 
     Args:
         num_classes: ``C``.
@@ -72,6 +90,21 @@ class ConfusionMatrix:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        count = self.num_classes
+        # Label rows: the label value clamped to [low, high], minus low. low < 0 and high >= C hold the
+        # out-of-range values; when ignore_index is far from 0 .. C-1 it is first mapped to low (its own row).
+        low, high = min(0, self.ignore_index) - 1, max(count - 1, self.ignore_index) + 1
+        self._remap_ignore = high - low + 1 > _MAX_LABEL_ROWS
+        if self._remap_ignore:
+            low, high = -2, count
+        self._label_low, self._label_high = low, high
+        self._ignore_row = (low if self._remap_ignore else self.ignore_index) - low
+        self._columns = count + 2
+        self._bins = (high - low + 1) * self._columns
+        # bin = row(label) * K + column(prediction) = clamped label * K + clamped prediction + offset
+        self._offset = 1 - low * self._columns
+        # CPU: chunks (cache-resident, on the calling thread); accelerators: one pass per update (no launches)
+        self._chunk_pixels = CHUNK_PIXELS if self.device.type == "cpu" else None
         self.reset()
 
     def reset(self) -> None:
@@ -86,10 +119,11 @@ class ConfusionMatrix:
         """Add a batch.
 
         Args:
-            logits_or_preds: float logits ``N x C x h x w`` (any ``h x w``: upsampled bilinearly,
+            logits_or_preds: float logits ``N x C x h x w`` (any ``h x w``: upsampled bilinearly, in float32,
                 ``align_corners=False``, to the label size, then argmax'ed), or integer predicted class
-                ids ``N x H x W`` at label size.
-            labels: integer ``N x H x W`` train ids in ``0 .. C-1``, ``ignore_index`` where unlabelled.
+                ids ``N x H x W`` at label size (any integer dtype; uint8 is the cheapest to move).
+            labels: integer ``N x H x W`` train ids in ``0 .. C-1``, ``ignore_index`` where unlabelled
+                (any integer dtype).
         """
         if self._reduced:
             raise RuntimeError(
@@ -99,40 +133,119 @@ class ConfusionMatrix:
             raise ValueError(
                 f"labels must be an integer tensor N x H x W, got {labels.dtype} {tuple(labels.shape)}"
             )
-        labels = labels.to(self.device, non_blocking=True).long()
-        predictions = self._predictions(logits_or_preds, labels.shape)
-        labelled = labels != self.ignore_index
-        label_ok = (labels >= 0) & (labels < self.num_classes)
-        prediction_ok = (predictions >= 0) & (predictions < self.num_classes)
-        counted = labelled & label_ok & prediction_ok
-        self.matrix += confusion_counts(labels, predictions, self.num_classes, counted)
-        self._counters[0] += labels.shape[0]
-        self._counters[1] += (labelled & ~label_ok).sum()
-        self._counters[2] += (labelled & label_ok & ~prediction_ok).sum()
-
-    def _predictions(self, logits_or_preds: torch.Tensor, label_shape: torch.Size) -> torch.Tensor:
+        labels = labels.to(self.device, non_blocking=True)
         if logits_or_preds.dtype.is_floating_point:
-            if logits_or_preds.dim() != 4 or logits_or_preds.shape[0] != label_shape[0]:
+            histogram = self._logits_histogram(logits_or_preds, labels)
+        else:
+            if tuple(logits_or_preds.shape) != tuple(labels.shape):
                 raise ValueError(
-                    f"logits must be N x C x h x w with N={label_shape[0]} (the labels' batch size), "
-                    f"got {tuple(logits_or_preds.shape)}"
+                    f"predicted class ids must have the labels' shape {tuple(labels.shape)}, "
+                    f"got {tuple(logits_or_preds.shape)} (pass float logits N x C x h x w to have them upsampled)"
                 )
-            if logits_or_preds.shape[1] != self.num_classes:
-                raise ValueError(
-                    f"logits have {logits_or_preds.shape[1]} classes, the confusion matrix {self.num_classes}"
-                )
-            logits = logits_or_preds.to(self.device, non_blocking=True)
-            if logits.shape[-2:] != label_shape[-2:]:
-                logits = F.interpolate(
-                    logits.float(), size=label_shape[-2:], mode="bilinear", align_corners=False
-                )
-            return logits.argmax(1)
-        if tuple(logits_or_preds.shape) != tuple(label_shape):
+            predictions = logits_or_preds.to(self.device, non_blocking=True)
+            histogram = self._ids_histogram(predictions.reshape(-1), labels.reshape(-1))
+        self._accumulate(histogram, labels.shape[0])
+
+    def _index(self, predictions: torch.Tensor, labels: torch.Tensor, scratch) -> torch.Tensor:
+        """Histogram bins of one chunk: integer ``predictions``, ``labels`` of one shape ``S`` -> flat int64
+        bins (``prod(S)``), written into the buffers of :func:`_scratch` (at least ``prod(S)`` long)."""
+        count = labels.numel()
+        low, high = self._label_low, self._label_high
+        if self._remap_ignore:  # low is ignore_index's row, low + 1 the negative values'
+            rows = _clamped(labels, low + 1, high, scratch[0][:count].view(labels.shape))
+            rows.masked_fill_(labels == self.ignore_index, low)
+        else:
+            rows = _clamped(labels, low, high, scratch[0][:count].view(labels.shape))
+        index = _clamped(predictions, -1, self.num_classes, scratch[1][:count].view(labels.shape))
+        return index.add_(rows, alpha=self._columns).add_(self._offset).view(-1)
+
+    def _ids_histogram(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Histogram of flat class ids and labels (``P`` pixels), ``CHUNK_PIXELS`` at a time."""
+        histogram = torch.zeros(self._bins, dtype=torch.int64, device=self.device)
+        scratch = _scratch(max(self._chunk_size(labels.numel()), 1), self.device)
+        self._add_ids(histogram, predictions, labels, scratch)
+        return histogram
+
+    def _chunk_size(self, pixels: int) -> int:
+        return pixels if self._chunk_pixels is None else min(pixels, self._chunk_pixels)
+
+    def _add_ids(
+        self, histogram: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, scratch
+    ) -> None:
+        """Add flat class ids and labels (``P`` pixels) to ``histogram``, ``CHUNK_PIXELS`` at a time."""
+        pixels = labels.numel()
+        step = max(self._chunk_size(pixels), 1)
+        for start in range(0, pixels, step):  # chunks of pixels (a fixed count per image size)
+            chunk = slice(start, start + step)
+            self._add(histogram, self._index(predictions[chunk], labels[chunk], scratch), scratch)
+
+    @staticmethod
+    def _add(histogram: torch.Tensor, index: torch.Tensor, scratch) -> None:
+        """``histogram[i] += 1`` for each bin ``i`` of the flat int64 ``index``: a ``scatter_add_`` of ones
+        (on CPU about twice as fast per chunk as ``bincount``, which also scans for the minimum and maximum;
+        on accelerators no host synchronisation, unlike CUDA's ``bincount``)."""
+        histogram.scatter_add_(0, index, scratch[2][: index.numel()])
+
+    def _logits_histogram(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Histogram of the argmax of ``logits`` (``N x C x h x w``, upsampled to the labels' ``N x H x W``)."""
+        if logits.dim() != 4 or logits.shape[0] != labels.shape[0]:
             raise ValueError(
-                f"predicted class ids must have the labels' shape {tuple(label_shape)}, "
-                f"got {tuple(logits_or_preds.shape)} (pass float logits N x C x h x w to have them upsampled)"
+                f"logits must be N x C x h x w with N={labels.shape[0]} (the labels' batch size), "
+                f"got {tuple(logits.shape)}"
             )
-        return logits_or_preds.to(self.device, non_blocking=True).long()
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"logits have {logits.shape[1]} classes, the confusion matrix {self.num_classes}"
+            )
+        logits = logits.to(self.device, non_blocking=True)
+        size = labels.shape[-2:]
+        if logits.shape[-2:] == size:
+            bands = _row_bands(labels.shape[0] * size[1], size[0], self._chunk_pixels)
+            return self._sum_bands(lambda top, bottom: logits[:, :, top:bottom], labels, bands, factor=1)
+        factor = _chunkable_factor(logits, size)
+        if factor is None:  # the whole tensor at once, as F.interpolate does it
+            upsampled = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+            return self._sum_bands(
+                lambda top, bottom: upsampled[:, :, top:bottom],
+                labels,
+                _row_bands(labels.shape[0] * size[1], size[0], self._chunk_pixels),
+                factor=1,
+            )
+        height = logits.shape[2]
+        bands = _row_bands(labels.shape[0] * size[1] * factor, height, UPSAMPLE_CHUNK_PIXELS)
+        return self._sum_bands(
+            lambda top, bottom: _upsampled_band(logits, top, bottom, factor, size[1]),
+            labels,
+            bands,
+            factor=factor,
+        )
+
+    def _sum_bands(self, scores, labels: torch.Tensor, bands, factor: int) -> torch.Tensor:
+        """Sum of the histograms of the argmax of ``scores(top, bottom)`` (``N x C x factor*(bottom-top) x W``)
+        and the matching label rows, over the row ``bands`` (in units of ``factor`` label rows). The argmax
+        runs on sub-bands of about ``CHUNK_PIXELS`` (``max(1)`` is faster on small ones)."""
+        histogram = torch.zeros(self._bins, dtype=torch.int64, device=self.device)
+        pixels_per_row = labels.shape[0] * labels.shape[2]
+        scratch = _scratch(max(self._chunk_size(pixels_per_row * labels.shape[1]), 1), self.device)
+        for top, bottom in bands:  # bands of rows: bounded memory, a fixed count per image size
+            band = scores(top, bottom)
+            band_labels = labels[:, top * factor : bottom * factor]
+            for first, last in _row_bands(pixels_per_row, band.shape[2], self._chunk_pixels):
+                predictions = _argmax(band[:, :, first:last]).reshape(-1)
+                self._add_ids(histogram, predictions, band_labels[:, first:last].reshape(-1), scratch)
+        return histogram
+
+    def _accumulate(self, histogram: torch.Tensor, num_images: int) -> None:
+        """Add one update's histogram (``R * K`` int64, rows: label values, columns: predictions) to the matrix
+        and the counters, on the device."""
+        table = histogram.view(-1, self._columns)
+        table[self._ignore_row] = 0  # ignored pixels count nowhere
+        first = -self._label_low  # row of label 0
+        classes = table[first : first + self.num_classes]
+        self.matrix += classes[:, 1 : self.num_classes + 1]
+        self._counters[0] += num_images
+        self._counters[1] += table[:first].sum() + table[first + self.num_classes :].sum()
+        self._counters[2] += classes[:, 0].sum() + classes[:, self.num_classes + 1].sum()
 
     def reduce(self) -> ConfusionMatrix:
         """Sum the matrices of all processes (``torch.distributed`` all-reduce, any backend) in place.
@@ -246,6 +359,72 @@ def _scatter_histogram(index: torch.Tensor, num_bins: int) -> torch.Tensor:
     return counts.scatter_add_(0, index, torch.ones_like(index))
 
 
+def _scratch(count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat int64 buffers of ``count`` reused across the chunks of an update: label rows and bins for
+    :meth:`ConfusionMatrix._index`, and ones for :meth:`ConfusionMatrix._add`."""
+    empty = (torch.empty(count, dtype=torch.int64, device=device) for _ in range(2))
+    return (*empty, torch.ones(count, dtype=torch.int64, device=device))
+
+
+def _clamped(values: torch.Tensor, low: int, high: int, out: torch.Tensor) -> torch.Tensor:
+    """``values`` (any integer dtype) clamped to ``[low, high]`` into the int64 tensor ``out`` of its shape
+    (one pass for int64; a lossless widening copy first for the others)."""
+    if values.dtype == torch.int64:
+        return torch.clamp(values, low, high, out=out)
+    return out.copy_(values).clamp_(low, high)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(1)`` (``N x C x H x W`` -> int64 ``N x H x W``, the first maximum on ties, NaN the
+    largest) through ``max(1).indices``, whose CPU kernel is about 3x faster on a band of class planes."""
+    return logits.max(1).indices
+
+
+def _row_bands(pixels_per_row: int, rows: int, chunk_pixels: int | None) -> list[tuple[int, int]]:
+    """``(top, bottom)`` bands covering ``rows`` rows of ``pixels_per_row`` pixels, about ``chunk_pixels`` each
+    (at least one row; ``None``: one band)."""
+    if chunk_pixels is None:
+        return [(0, rows)]
+    step = max(1, chunk_pixels // max(pixels_per_row, 1))
+    return [(top, min(top + step, rows)) for top in range(0, rows, step)]
+
+
+def _chunkable_factor(logits: torch.Tensor, size: torch.Size) -> int | None:
+    """The height factor ``H / h`` when the upsampling can be done in row bands with results bit-identical to
+    one ``F.interpolate`` of the whole tensor, else None.
+
+    Bands of input rows ``[top - 1, bottom + 1)`` upsampled by an exact power-of-two factor ``f`` (to
+    ``f x`` their rows, the full width) compute every kept output row with the same source index and weight
+    as the whole-tensor call: the scale ``h / H = 1 / f`` and the source coordinates ``(i + 0.5) / f - 0.5``
+    are exact in float32, and the one-row halo holds both rows each kept output row reads. The same CPU
+    kernel must run for the bands and the whole: contiguous (not channels-last) logits and outputs wider than
+    ATen's small-output threshold (``H + W > 128``: it picks another kernel at or below). Elsewhere (other
+    devices, other factors) the whole tensor is upsampled at once, as before.
+    """
+    height, width = logits.shape[-2:]
+    out_height, out_width = size
+    if logits.device.type != "cpu" or not logits.is_contiguous() or height < 2 or out_height % height:
+        return None
+    factor = out_height // height
+    if factor < 1 or factor & (factor - 1) or factor > 1 << 10 or out_height >= 1 << 20 or out_width <= 128:
+        return None  # not a power of two, or an output this kernel might special-case
+    return factor
+
+
+def _upsampled_band(logits: torch.Tensor, top: int, bottom: int, factor: int, out_width: int) -> torch.Tensor:
+    """Rows ``factor * top .. factor * bottom`` of the bilinear (``align_corners=False``) float32 upsampling of
+    ``logits`` ``N x C x h x w`` to ``N x C x factor*h x out_width`` -> float32
+    ``N x C x factor*(bottom-top) x out_width``, computed on the band of input rows ``top-1 .. bottom`` only."""
+    first, last = max(top - 1, 0), min(bottom + 1, logits.shape[2])
+    band = F.interpolate(
+        logits[:, :, first:last].float(),
+        size=(factor * (last - first), out_width),
+        mode="bilinear",
+        align_corners=False,
+    )
+    return band[:, :, factor * (top - first) : factor * (bottom - first)]
+
+
 def _nanmean(values: torch.Tensor) -> float:
     defined = values[~values.isnan()]
     return float(defined.mean()) if defined.numel() else float("nan")
@@ -288,7 +467,11 @@ def evaluate_model(
         num_classes: ``C`` (19, 16 or 13 for the benchmarks).
         device: where to run; default the model's device (the model is moved if they differ).
         flip, sliding_window, autocast_dtype: see :func:`cpsl_hf.inference.predict_logits`
-            (defaults: whole image, no flip, full precision).
+            (defaults: whole image, no flip, full precision). Without flip and sliding window, and with
+            labels of the images' size, the model's own low-resolution logits are passed to
+            :meth:`ConfusionMatrix.update`, which upsamples them in row bands fused with the argmax (the
+            same bilinear float32 values as upsampling the whole batch first, without materialising
+            ``N x C x H x W``).
         progress: show a progress bar (main process only).
 
     Returns:
@@ -307,14 +490,19 @@ def evaluate_model(
         with torch.inference_mode():
             batches = progress_bar(loader, progress and _is_main_process(), "evaluating", unit="batch")
             for batch in batches:
+                pixel_values, labels = batch["pixel_values"], batch["labels"]
+                # Plain inference at label size: the model's low-resolution logits go to update(), which
+                # upsamples them in row bands fused with the argmax, bit-identically to upsampling here.
+                direct = not flip and sliding_window is None and pixel_values.shape[-2:] == labels.shape[-2:]
                 logits = predict_logits(
                     model,
-                    batch["pixel_values"],
+                    pixel_values,
                     flip=flip,
                     sliding_window=sliding_window,
                     autocast_dtype=autocast_dtype,
+                    upsample=not direct,
                 )
-                confusion.update(logits, batch["labels"])
+                confusion.update(logits, labels)
     finally:
         model.train(was_training)
     return confusion.reduce().compute()

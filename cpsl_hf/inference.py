@@ -160,6 +160,7 @@ def predict_logits(
     flip: bool = False,
     sliding_window: tuple[int, int, int, int] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    upsample: bool = True,
 ) -> torch.Tensor:
     """Class scores for a batch of uint8 images, at the images' own size.
 
@@ -173,12 +174,19 @@ def predict_logits(
             where they overlap. Images smaller than the crop are run whole.
         autocast_dtype: run the model under ``torch.autocast`` with this dtype (``torch.float16`` or
             ``torch.bfloat16``); ``None`` runs in the model's own precision. Returned logits are float32.
+        upsample: False (only without ``flip`` and ``sliding_window``) returns the model's logits at its own
+            output size ``h x w`` (float32, not upsampled), for a consumer that upsamples them itself with the
+            same bilinear, ``align_corners=False`` float32 interpolation (``ConfusionMatrix.update`` does, in
+            row bands, bit-identically); logits already at the image size are returned as ``upsample=True``
+            returns them.
 
     Returns:
         float32 ``N x C x H x W`` on the model's device. Without ``flip``: the model's logits, bilinearly
         upsampled (``align_corners=False``). With ``flip``: the log of the averaged probabilities, so that
         ``softmax`` of the result is the flip-averaged probability and ``argmax`` the averaged prediction.
     """
+    if not upsample and (flip or sliding_window is not None):
+        raise ValueError("predict_logits(upsample=False) takes neither flip nor sliding_window")
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dtype != torch.uint8:
         raise TypeError(
             f"pixel_values must be a uint8 tensor N x 3 x H x W, got "
@@ -190,6 +198,11 @@ def predict_logits(
         sliding_window = parse_sliding_window(sliding_window)
     device = _model_device(model)
     images = normalize(to_float(pixel_values.to(device, non_blocking=True)))
+    if not upsample:
+        logits = _model_logits(model, images, autocast_dtype)
+        if logits.shape[-2:] != images.shape[-2:]:
+            return logits.float()
+        return _upsampled(logits, images.shape[-2:])
     logits = _segment(model, images, sliding_window, autocast_dtype)
     if not flip:
         return logits
@@ -208,14 +221,26 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _model_logits(
+    model: torch.nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Model logits for normalised float images ``N x 3 x H x W`` -> ``N x C x h x w`` at the model's output
+    size, in its output dtype."""
+    with _autocast(images.device, autocast_dtype):
+        outputs = model(pixel_values=images)
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def _upsampled(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """``N x C x h x w`` -> float32 ``N x C x H x W``: bilinear, ``align_corners=False``, in float32."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
 def _forward(
     model: torch.nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None
 ) -> torch.Tensor:
     """Model logits for normalised float images ``N x 3 x H x W`` -> float32 ``N x C x H x W`` (upsampled)."""
-    with _autocast(images.device, autocast_dtype):
-        outputs = model(pixel_values=images)
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return _upsampled(_model_logits(model, images, autocast_dtype), images.shape[-2:])
 
 
 def _window_starts(size: int, crop: int, stride: int) -> list[int]:
