@@ -558,6 +558,14 @@ class UDATrainingArguments:
             "one thread accelerate launch and torchrun fall back to)."
         },
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the training forwards: the student's, the EMA teacher's and the frozen P_ST "
+            "model's (evaluation stays eager). It pays on GPUs (bench/train_step.py --gpu); on the CPU the "
+            "demo's compile takes minutes and its steps are no faster (BENCHMARKS.md), hence off by default."
+        },
+    )
     allow_tf32: bool = field(
         default=True,
         metadata={

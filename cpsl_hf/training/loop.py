@@ -176,6 +176,7 @@ class Trainer:
             names = [name for name, parameter in model.named_parameters() if parameter is prototypes]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.model = self.compiled(self.model)  # the prepared (maybe DDP) model, checkpointed as before
         if separate_prototypes:
             prototype_optimizer = make_optimizer(
                 args.cpsl.prototype_optimizer, [prototype_group], args.training
@@ -225,8 +226,15 @@ class Trainer:
     # ------------------------------------------------------------------ what stages use
     @property
     def student(self) -> nn.Module:
-        """The student network without its DDP wrapper."""
-        return self.accelerator.unwrap_model(self.model)
+        """The student network without its DDP and torch.compile wrappers."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def compiled(self, function):
+        """``torch.compile(function)`` with ``--torch_compile`` (a module or a bound method; the original keeps
+        its parameters and state dict), else ``function`` itself."""
+        if not self.args.training.torch_compile:
+            return function
+        return torch.compile(function)
 
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at ``step``: every stage restarts a warm-up + poly schedule at its scale."""

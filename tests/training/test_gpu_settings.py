@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from training_helpers import tiny_argv
+from training_helpers import adaptation, prepared, tiny_argv
 
 from cpsl_hf.data import loading
 from cpsl_hf.data.loading import build_train_loader
@@ -96,3 +96,31 @@ def test_trainer_pins_the_train_loaders_on_cuda_only(tmp_path, monkeypatch):
     assert pinned == [False, False, True, True]
     assert trainer.source_loader._dataloader.pin_memory is True
     assert trainer.target_loader._dataloader.pin_memory is True
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_torch_compile_wraps_the_training_forwards_only(tmp_path, compile_):
+    """--torch_compile: the student's forward (the prepared model), the EMA teacher's encode and the frozen P_ST
+    model are compiled callables over the very modules the run trains, checkpoints and evaluates (their state
+    dicts keep their keys); without it they are those modules themselves. (Compiling runs at the first call;
+    bench/train_step.py --dry_run --compile runs compiled steps.)"""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from cpsl_hf import CPSLForSemanticSegmentation
+
+    trainer = prepared(tmp_path, tmp_path, "--torch_compile", str(compile_).lower())
+    stage = adaptation(trainer)
+    student = trainer.student
+    assert type(student) is CPSLForSemanticSegmentation  # what the EMA, checkpoints and export see
+    assert not any(key.startswith("_orig_mod") for key in student.state_dict())
+    assert isinstance(trainer.model, OptimizedModule) is compile_
+    if compile_:
+        assert trainer.model._orig_mod is student
+        assert stage.teacher_encode is not stage.teacher.module.encode
+        assert stage.teacher_encode._torchdynamo_orig_callable == stage.teacher.module.encode
+        assert isinstance(stage.pseudo_label_forward, OptimizedModule)
+        assert stage.pseudo_label_forward._orig_mod is stage.pseudo_label_model
+    else:
+        assert trainer.model is student
+        assert stage.teacher_encode == stage.teacher.module.encode
+        assert stage.pseudo_label_forward is stage.pseudo_label_model

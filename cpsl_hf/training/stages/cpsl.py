@@ -154,6 +154,7 @@ class CPSLStage(Stage):
         super().setup(run)
         self.teacher = EMATeacher(run.student, momentum=self.cpsl.ema_momentum, ramp=self.cpsl.ema_ramp)
         self.teacher.to(run.device)
+        self.teacher_encode = run.compiled(self.teacher.module.encode)  # the EMA moves its weights in place
 
     @torch.no_grad()
     def start(self, previous: Stage | None) -> None:
@@ -167,11 +168,15 @@ class CPSLStage(Stage):
                 self.target_pass()
             if self.cpsl.pseudo_labels == "frozen":
                 # The whole warm-up model, prototypes included (only its logits serve).
-                self.pseudo_label_model = frozen_copy(student)
+                self._set_pseudo_label_model(frozen_copy(student))
             self.run.reset_optimizer_state()
 
     def needs_target_pass(self) -> bool:
         return True
+
+    def _set_pseudo_label_model(self, model: nn.Module) -> None:
+        self.pseudo_label_model = model
+        self.pseudo_label_forward = self.run.compiled(model)
 
     def build_self_labeling(self) -> SelfLabeling:
         cpsl, run = self.cpsl, self.run
@@ -269,7 +274,7 @@ class CPSLStage(Stage):
             run.accelerator.autocast(),
             self.teacher.mode(self.cpsl.teacher_mode == "train"),
         ):
-            embeddings, logits = self.teacher.module.encode(normalize(weak.images))
+            embeddings, logits = self.teacher_encode(normalize(weak.images))
         logits = logits.float()
         weak_valid = resize_mask(weak.valid_mask, tuple(logits.shape[-2:]))
         p_st, valid = self.p_st_of(weak, names, logits, weak_valid)
@@ -280,7 +285,7 @@ class CPSLStage(Stage):
 
     def _p_st_of_frozen_model(self, weak, names, teacher_logits, weak_valid):
         with torch.no_grad(), self.run.accelerator.autocast():
-            logits = self.pseudo_label_model(normalize(weak.images)).logits
+            logits = self.pseudo_label_forward(normalize(weak.images)).logits
         return logits.float().softmax(dim=1), weak_valid
 
     def _p_st_of_stored_maps(self, weak, names, teacher_logits, weak_valid):
@@ -457,7 +462,7 @@ class CPSLStage(Stage):
         if state["offline_labels"] is not None:
             self.offline_labels = OfflinePseudoLabels.from_state_dict(state["offline_labels"])
         if state["pseudo_label_model"] is not None:
-            self.pseudo_label_model = frozen_copy(self.run.student)
+            self._set_pseudo_label_model(frozen_copy(self.run.student))
             self.pseudo_label_model.load_state_dict(state["pseudo_label_model"])
 
 
