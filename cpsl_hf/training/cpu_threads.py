@@ -19,12 +19,9 @@ On a GPU the threads only feed data and launch kernels; the setting is left alon
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
 """Variables ``accelerate launch`` (every launcher of it) and ``torchrun`` export to the processes they start."""
@@ -120,14 +117,15 @@ def choose_cpu_threads(
     return ThreadChoice(threads, f"auto: {cores} physical cores / {local_processes} local processes")
 
 
-def configure_cpu_threads(setting: str | int, on_cpu: bool) -> int:
-    """Apply ``--cpu_threads`` to this process when it trains on the CPU; returns torch's thread count."""
+def configure_cpu_threads(setting: str | int, on_cpu: bool) -> tuple[int, str | None]:
+    """Apply ``--cpu_threads`` to this process when it trains on the CPU. Returns torch's thread count and why
+    (None on a GPU), for the caller to log once the run's inputs are checked (a bad input stays one line)."""
     import torch
 
-    if on_cpu:
-        choice = choose_cpu_threads(setting)
-        if choice.threads is not None:
-            torch.set_num_threads(choice.threads)
-            os.environ["OMP_NUM_THREADS"] = str(choice.threads)  # for processes this one starts
-        logger.info("training on %d CPU threads (%s)", torch.get_num_threads(), choice.reason)
-    return torch.get_num_threads()
+    if not on_cpu:
+        return torch.get_num_threads(), None
+    choice = choose_cpu_threads(setting)
+    if choice.threads is not None:
+        torch.set_num_threads(choice.threads)
+        os.environ["OMP_NUM_THREADS"] = str(choice.threads)  # for processes this one starts
+    return torch.get_num_threads(), choice.reason

@@ -89,7 +89,7 @@ class Trainer:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if not accelerator.is_main_process:
             logging.getLogger("cpsl_hf").setLevel(logging.WARNING)
-        self.cpu_threads = configure_cpu_threads(
+        self.cpu_threads, threads_reason = configure_cpu_threads(
             parse_cpu_threads(training.cpu_threads), on_cpu=accelerator.device.type == "cpu"
         )
         set_seed(training.seed)  # same on every process: identical initial weights
@@ -99,6 +99,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._build_data()
         self._build_model_and_optimizers()
+        if threads_reason is not None and accelerator.is_main_process:
+            logger.info("training on %d CPU threads (%s)", self.cpu_threads, threads_reason)
         self.step_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self._bad_steps = torch.zeros((), device=self.device)  # in the current logging window
         self._consecutive_bad = torch.zeros((), device=self.device)

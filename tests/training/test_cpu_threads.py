@@ -64,10 +64,11 @@ def test_bad_values_are_refused_by_name(value, tmp_path):
 
 
 PROBE = """
-import logging, sys, torch
-logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+import sys, torch
 from cpsl_hf.training.cpu_threads import configure_cpu_threads, parse_cpu_threads
-configure_cpu_threads(parse_cpu_threads(sys.argv[1]), on_cpu=True)
+threads, reason = configure_cpu_threads(parse_cpu_threads(sys.argv[1]), on_cpu=True)
+assert threads == torch.get_num_threads()
+print(f"training on {threads} CPU threads ({reason})")
 print("threads", torch.get_num_threads())
 """
 
