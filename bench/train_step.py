@@ -21,7 +21,7 @@ timing that call in the same steps. On a GPU every timed region is closed by ``t
 The GPU section prints the GPU's name, the torch / CUDA / cuDNN / transformers versions and one row per model and
 precision: ``segformer-b5`` 512x512 batch 2+2 and ``deeplabv2-r101`` 896x512 batch 4+4, each in fp32 (TF32
 matmuls and cuDNN convolutions allowed, ``--allow_tf32 true``), bf16 autocast, and bf16 + ``torch.compile``
-(``--torch_compile true``; a row says "needs --torch_compile" while the trainer has no such argument). Columns:
+(``--torch_compile true``). Columns:
 seconds per step of both stages and their ratio, images per second (source + target images of a step / seconds),
 peak GPU memory (``torch.cuda.max_memory_allocated``, reset before each row's timed rounds; '-' on the CPU), the
 FLOPs of one CPSL step and the model FLOPs utilisation (MFU).
@@ -60,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpsl_hf.training.arguments import UDATrainingArguments, parse_args  # noqa: E402
+from cpsl_hf.training.arguments import parse_args  # noqa: E402
 from cpsl_hf.training.loop import Trainer  # noqa: E402
 from cpsl_hf.training.stages import CPSLStage, MeanTeacherStage  # noqa: E402
 
@@ -205,11 +205,6 @@ def _tiny_resnet_folder() -> str:
     torch.manual_seed(0)
     ResNetModel(ResNetConfig(**TINY_RESNET)).save_pretrained(folder)
     return folder
-
-
-def compile_supported() -> bool:
-    """Whether the trainer has ``--torch_compile`` (``UDATrainingArguments.torch_compile``)."""
-    return "torch_compile" in {f.name for f in dataclasses.fields(UDATrainingArguments)}
 
 
 # ------------------------------------------------------------------ measuring
@@ -406,19 +401,16 @@ def run_rows(
         key = (row.backbone, row.crop, row.batch)
         started = time.perf_counter()
         result, note = None, ""
-        if row.precision.endswith("+compile") and not compile_supported():
-            note = "needs --torch_compile (not in this trainer yet)"
-        else:
-            try:
-                result = measure(row, steps, warmup, rounds, bank_size, flops=counted.get(key))
-                if result.flops is not None:
-                    counted.setdefault(key, result.flops)
-            except Exception as error:  # one row's failure must not lose the others of a one-shot GPU run
-                traceback.print_exc()
-                note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:80]}"
-            gc.collect()  # the row's trainer, models and batches go before the next row's are built
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        try:
+            result = measure(row, steps, warmup, rounds, bank_size, flops=counted.get(key))
+            if result.flops is not None:
+                counted.setdefault(key, result.flops)
+        except Exception as error:  # one row's failure must not lose the others of a one-shot GPU run
+            traceback.print_exc()
+            note = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:80]}"
+        gc.collect()  # the row's trainer, models and batches go before the next row's are built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         results.append((row, result, note))
         print(
             f"[{row.label} {row.precision}: {time.perf_counter() - started:.0f} s]",
@@ -448,8 +440,6 @@ def run_rows(
             f"Note: MFU against the {key} dense peaks: bf16 {PEAK_TFLOPS[key]['bf16']:g} TFLOP/s (bf16 rows), "
             f"TF32 {PEAK_TFLOPS[key]['tf32']:g} TFLOP/s (fp32 rows, TF32 allowed)."
         )
-    if any(note.startswith("needs --torch_compile") for _, _, note in results):
-        print("Note: the compile rows need the trainer's --torch_compile argument, which this version lacks.")
 
 
 def select(rows: list[Row], only: list[str] | None) -> list[Row]:
