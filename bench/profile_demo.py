@@ -137,7 +137,8 @@ def profile_operators(argv: list[str], steps: int) -> None:
 
     for stage_index in range(2):
         with tempfile.TemporaryDirectory() as scratch:
-            args = parse_args(["--output_dir", str(Path(scratch) / "run"), "--no_progress_bar", *argv])
+            # The scratch folder last: it wins over an --output_dir of the timed run (which holds that run now).
+            args = parse_args([*argv, "--no_progress_bar", "--output_dir", str(Path(scratch) / "run")])
             trainer = Trainer(args)
             trainer.setup()
             stage = trainer.stages[stage_index]

@@ -33,14 +33,15 @@ AUTO_MAP = {
 
 def resize_bilinear(maps: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """N x C x h x w maps resized to N x C x H x W, bilinear with ``align_corners=False`` (``F.interpolate``'s
-    values, to float rounding), in the maps' dtype; the maps themselves when they already have that size (the
-    identity, exactly).
+    values, to float rounding), in the maps' dtype and memory format; the maps themselves when they already have
+    that size (the identity, exactly).
 
     On the CPU it is two matrix products with the separable interpolation weights (each output row and column
     mixes two input ones), ``A_h @ maps @ A_w^T``: there ``F.interpolate``'s backward is a scalar loop that needs
     a contiguous gradient, and it took a quarter of a SegFormer training step (the decode head's four
-    upsamplings and the loss's); the products and their gradients run on the BLAS. Elsewhere (CUDA) it is
-    ``F.interpolate``.
+    upsamplings and the loss's); the products and their gradients run on the BLAS. Channels-last maps (the
+    SegFormer head's, see :func:`pixel_affine`) are resized as N x h x w x C rows without a layout copy and come
+    back channels-last. Elsewhere (CUDA) it is ``F.interpolate``.
     """
     size = (int(size[0]), int(size[1]))
     if tuple(maps.shape[-2:]) == size:
@@ -50,7 +51,45 @@ def resize_bilinear(maps: torch.Tensor, size: tuple[int, int] | torch.Size) -> t
     rows = _interpolation_weights(maps.shape[-2], size[0]).to(maps.dtype)
     columns = _interpolation_weights(maps.shape[-1], size[1]).to(maps.dtype)
     with torch.autocast(device_type="cpu", enabled=False):  # in the maps' dtype, as F.interpolate
+        if maps.ndim == 4 and _is_channels_last(maps):
+            batch, channels, height, width = maps.shape
+            pixels = maps.permute(0, 2, 3, 1)  # N x h x w x C, contiguous
+            resized_rows = torch.matmul(
+                rows, pixels.reshape(batch, height, width * channels)
+            )  # N x H x (w C)
+            resized = torch.matmul(
+                columns, resized_rows.reshape(batch * size[0], width, channels)
+            )  # NH x W x C
+            return resized.reshape(batch, size[0], size[1], channels).permute(0, 3, 1, 2)
         return torch.matmul(torch.matmul(rows, maps), columns.T)
+
+
+def _is_channels_last(maps: torch.Tensor) -> bool:
+    """True when N x C x h x w ``maps`` are laid out as contiguous N x h x w x C rows and not also NCHW-contiguous
+    (a single channel or a single pixel is both, and takes the plain path)."""
+    return maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous()
+
+
+def pixel_affine(maps: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-pixel affine map ``weight @ z + bias`` of N x C_in x h x w ``maps``: N x C_out x h x w.
+
+    On the CPU it is one matrix product over the N x h x w x C_in pixel rows, and the result is channels-last
+    (contiguous N x h x w x C_out rows, which :func:`resize_bilinear` and the next per-pixel map read without a
+    layout copy; oneDNN's 1x1 convolution backward took eight times longer at the CPSL step's batch of 16).
+    Elsewhere it is a 1x1 convolution.
+
+    Args:
+        maps: N x C_in x h x w. weight: C_out x C_in. bias: C_out or None.
+    """
+    if maps.device.type != "cpu":
+        return F.conv2d(maps, weight[:, :, None, None], bias)
+    return F.linear(maps.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+
+
+def pointwise_conv(conv: nn.Conv2d, maps: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``conv`` (stride 1, no padding, groups 1) of N x C_in x h x w ``maps`` as :func:`pixel_affine`:
+    N x C_out x h x w."""
+    return pixel_affine(maps, conv.weight.flatten(1), conv.bias)
 
 
 _INTERPOLATION_WEIGHTS: dict[tuple[int, int], torch.Tensor] = {}
@@ -106,6 +145,13 @@ class CPSLSegformerDecodeHead(nn.Module):
 
     Input: the 4 encoder feature maps, N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32).
     Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``decoder_hidden_size``.
+
+    The function is SegFormer's, ``fuse(cat_i(upsample(proj_i(x_i))))``, computed in an equivalent order: the
+    1x1 fuse is a sum of one D x D block per level and bilinear upsampling commutes with per-pixel affine maps
+    (its weights sum to 1), so each level's projection and its fuse block are applied as one affine map
+    ``(F_i P_i) x_i + F_i b_i`` at the level's own resolution and the D-channel results are upsampled and summed.
+    The 4D -> D fuse at H/4 x W/4, three quarters of a SegFormer training step's FLOPs, and the 4D-channel
+    concatenation are gone; the values are the same to float rounding and the gradients reach the same weights.
     """
 
     def __init__(self, config: CPSLConfig):
@@ -124,28 +170,37 @@ class CPSLSegformerDecodeHead(nn.Module):
 
     def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         target_size = encoder_hidden_states[0].shape[2:]
-        projected = [
-            resize_bilinear(projection(features), target_size)
-            for features, projection in zip(encoder_hidden_states, self.linear_projections)
-        ]
-        normalized = self.batch_norm(self.linear_fuse(torch.cat(projected[::-1], dim=1)))
+        decoder_size = self.linear_fuse.out_channels
+        # SegFormer concatenates the deepest level first: the fuse's column blocks are levels 3, 2, 1, 0.
+        fuse_blocks = self.linear_fuse.weight.flatten(1).split(decoder_size, dim=1)[::-1]
+        fused = None
+        for features, projection, fuse_block in zip(
+            encoder_hidden_states, self.linear_projections, fuse_blocks
+        ):
+            level = pixel_affine(
+                features, fuse_block @ projection.proj.weight, fuse_block @ projection.proj.bias
+            )
+            level = resize_bilinear(level, target_size)
+            fused = level if fused is None else fused + level
+        # Channels-last from here on the CPU (see pixel_affine): batch norm and the classifier read pixel rows;
+        # the few-channel logits go back to N x C x h x w rows, which the loss's upsampling reads fastest.
+        normalized = self.batch_norm(fused)
         activated = self.activation(normalized)
-        logits = self.classifier(self.dropout(activated))
+        logits = pointwise_conv(self.classifier, self.dropout(activated)).contiguous()
         return (normalized if self.embedding_before_activation else activated), logits
 
 
 class SegformerProjection(nn.Module):
-    """Per-pixel linear projection N x C_in x h x w -> N x C_out x h x w (weight name ``proj`` as in
-    ``SegformerMLP``)."""
+    """Per-pixel linear projection C_in -> C_out of one encoder level (weight name ``proj`` as in
+    ``SegformerMLP``); :class:`CPSLSegformerDecodeHead` applies it folded into its fuse block."""
 
     def __init__(self, input_dim: int, output_dim: int):
         super().__init__()
         self.proj = nn.Linear(input_dim, output_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        batch_size, _, height, width = features.shape
-        projected = self.proj(features.flatten(2).transpose(1, 2))  # N x hw x C_out
-        return projected.transpose(1, 2).reshape(batch_size, -1, height, width)
+        """N x C_in x h x w -> N x C_out x h x w (the layer on its own)."""
+        return pixel_affine(features, self.proj.weight, self.proj.bias)
 
 
 class DeepLabV2ASPPHead(nn.Module):
@@ -249,7 +304,8 @@ class CPSLSelfLabelingHead(nn.Module):
             )
         directions = F.normalize(embeddings, dim=1)
         prototypes = F.normalize(self.prototypes, dim=1).to(directions.dtype)
-        return torch.einsum("ndhw,cd->nchw", directions, prototypes) / self.temperature
+        # N x C x h x w rows whatever the embeddings' layout (a softmax over channels-last maps is slow on the CPU)
+        return (torch.einsum("ndhw,cd->nchw", directions, prototypes) / self.temperature).contiguous()
 
     def extra_repr(self) -> str:
         return f"num_labels={self.prototypes.shape[0]}, embedding_dim={self.prototypes.shape[1]}, tau={self.temperature}"

@@ -376,3 +376,34 @@ def test_from_pretrained_backbone_rejects_other_architectures(tmp_path):
 
 def test_presets_registry_names():
     assert set(PRESETS) == {f"segformer-b{i}" for i in range(6)} | {"segformer-tiny", "deeplabv2-r101"}
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 40)])
+def test_segformer_head_equals_transformers_segformer_decode_head(size):
+    """The folded head (each level's projection and fuse block as one affine map at the level's resolution,
+    upsampled and summed) gives transformers' SegformerDecodeHead's logits and weight gradients, with the same
+    weights, in training mode (batch statistics) and in eval mode."""
+    from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
+
+    torch.manual_seed(0)
+    config = CPSLConfig.from_preset("segformer-tiny", classifier_dropout_prob=0.0)
+    model = CPSLForSemanticSegmentation(config)
+    reference_config = model.backbone.config
+    reference_config.num_labels, reference_config.classifier_dropout_prob = config.num_labels, 0.0
+    reference = SegformerDecodeHead(reference_config).double()
+    ours = model.decode_head.double()
+    reference.load_state_dict(ours.state_dict())  # the same weight names
+    with torch.no_grad():
+        features = model.backbone(torch.randn(2, 3, *size), output_hidden_states=True).hidden_states
+    features = [f.double() for f in features]
+    for train in (True, False):
+        ours.train(train)
+        reference.train(train)
+        _, logits = ours(features)
+        expected = reference(features)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
+        upstream = torch.randn(expected.shape, dtype=torch.float64)
+        ours_grads = torch.autograd.grad((logits * upstream).sum(), list(ours.parameters()))
+        reference_grads = torch.autograd.grad((expected * upstream).sum(), list(reference.parameters()))
+        for mine, theirs in zip(ours_grads, reference_grads):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)

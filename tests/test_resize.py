@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpsl_hf.modeling_cpsl import _interpolation_weights, resize_bilinear
+from cpsl_hf.modeling_cpsl import _interpolation_weights, pixel_affine, resize_bilinear
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,32 @@ def test_interpolation_weights_by_hand():
     # 4 -> 2: source coordinates 0.5 and 2.5
     expected = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]], dtype=torch.float64)
     torch.testing.assert_close(_interpolation_weights(4, 2), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, size", [((2, 6, 8, 8), (32, 32)), ((1, 3, 7, 5), (23, 11)), ((2, 4, 17, 13), (5, 4))]
+)
+def test_channels_last_maps_give_the_same_values_and_gradients_and_stay_channels_last(shape, size):
+    generator = torch.Generator().manual_seed(sum(shape))
+    plain = torch.randn(shape, dtype=torch.float64, generator=generator)
+    maps = plain.contiguous(memory_format=torch.channels_last).requires_grad_()
+    resized = resize_bilinear(maps, size)
+    assert resized.is_contiguous(memory_format=torch.channels_last) and not resized.is_contiguous()
+    reference = F.interpolate(plain.requires_grad_(), size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resized, reference, rtol=0, atol=1e-12)
+    upstream = torch.randn(reference.shape, dtype=torch.float64, generator=generator)
+    (gradient,) = torch.autograd.grad(resized, maps, upstream)
+    (reference_gradient,) = torch.autograd.grad(reference, plain, upstream)
+    torch.testing.assert_close(gradient, reference_gradient, rtol=0, atol=1e-12)
+
+
+def test_pixel_affine_is_a_1x1_convolution_with_channels_last_output():
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=generator)
+    weight = torch.randn(3, 5, dtype=torch.float64, generator=generator)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator)
+    mapped = pixel_affine(maps, weight, bias)
+    assert mapped.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.einsum("oc,nchw->nohw", weight, maps) + bias[:, None, None]
+    torch.testing.assert_close(mapped, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pixel_affine(maps, weight), expected - bias[:, None, None], rtol=0, atol=1e-12)

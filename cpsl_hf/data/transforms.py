@@ -527,6 +527,34 @@ def _per_image(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+def _where_applied(on: Tensor, operation, images: Tensor, *per_image: Tensor) -> Tensor:
+    """``operation(images, *per_image)`` for the images where ``on`` (N bool), the images themselves elsewhere.
+
+    Every operation here treats each image on its own, so on the CPU it runs on the selected images only
+    (:func:`_where_applied_to_selected`: a RandAugment op is drawn for 2 of 14 images, and computing each for all
+    of them was most of the strong view's time); on other devices on the whole batch, ``torch.where`` picking
+    (:func:`_where_applied_to_batch`: selecting would be a host synchronisation).
+
+    Args:
+        on: N bool. images: N x 3 x h x w float. per_image: tensors with N rows (the operation's parameters).
+    """
+    if images.device.type == "cpu":
+        return _where_applied_to_selected(on, operation, images, *per_image)
+    return _where_applied_to_batch(on, operation, images, *per_image)
+
+
+def _where_applied_to_selected(on: Tensor, operation, images: Tensor, *per_image: Tensor) -> Tensor:
+    selected = on.nonzero().flatten()
+    if selected.numel() == 0:
+        return images
+    changed = operation(images[selected], *(values[selected] for values in per_image))
+    return images.index_copy(0, selected, changed)
+
+
+def _where_applied_to_batch(on: Tensor, operation, images: Tensor, *per_image: Tensor) -> Tensor:
+    return torch.where(_per_image(on), operation(images, *per_image), images)
+
+
 def _grayscale(images: Tensor) -> Tensor:
     """N x 3 x h x w -> N x 1 x h x w luma (ITU-R 601-2, as PIL / torchvision)."""
     weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
@@ -754,26 +782,25 @@ def strong_augment(
             continue
         on, magnitude = op_state(name)
         if name == "autocontrast":
-            changed = _autocontrast(out)
+            out = _where_applied(on, _autocontrast, out)
         elif name == "equalize":
-            changed = _equalize(out)
+            out = _where_applied(on, _equalize, out)
         elif name == "brightness":
-            changed = _adjust_brightness(out, 1 + MAX_ENHANCE * magnitude)
+            out = _where_applied(on, _adjust_brightness, out, 1 + MAX_ENHANCE * magnitude)
         elif name == "color":
-            changed = _adjust_saturation(out, 1 + MAX_ENHANCE * magnitude)
+            out = _where_applied(on, _adjust_saturation, out, 1 + MAX_ENHANCE * magnitude)
         elif name == "contrast":
-            changed = _adjust_contrast(out, 1 + MAX_ENHANCE * magnitude)
+            out = _where_applied(on, _adjust_contrast, out, 1 + MAX_ENHANCE * magnitude)
         elif name == "sharpness":
-            changed = _sharpness(out, 1 + MAX_ENHANCE * magnitude)
+            out = _where_applied(on, _sharpness, out, 1 + MAX_ENHANCE * magnitude)
         elif name == "posterize":
-            changed = _posterize(out, 8 - (4 * magnitude.abs() + 0.5).floor().long())
+            out = _where_applied(on, _posterize, out, 8 - (4 * magnitude.abs() + 0.5).floor().long())
         else:  # solarize
-            changed = _solarize(out, 1 - magnitude.abs())
-        out = torch.where(_per_image(on), changed, out)
+            out = _where_applied(on, _solarize, out, 1 - magnitude.abs())
 
     # Gaussian blur.
     if blur:
-        out = torch.where(_per_image(blur_on), _gaussian_blur(out, sigma, blur_sigma[1]), out)
+        out = _where_applied(blur_on, lambda chosen, s: _gaussian_blur(chosen, s, blur_sigma[1]), out, sigma)
     blur_sigma_used = torch.where(blur_on, sigma, zeros)
 
     # Geometric ops: one affine, one resampling (identity for images without geometric ops: an exact copy).

@@ -278,6 +278,35 @@ def test_strong_view_shapes_range_and_reproducibility():
     assert (first.images[first.cutout_mask[:, None].expand_as(images)] == 0.5).all()
 
 
+def test_strong_view_on_the_cpu_computes_each_op_for_its_images_only_with_the_batch_path_values(monkeypatch):
+    """On the CPU each photometric op and the blur run on the images that drew them; the result equals the
+    batch path (every op on every image, torch.where picks), which other devices take."""
+    from cpsl_hf.data import transforms
+
+    images = torch.rand(14, 3, 24, 32, generator=_generator(0)) ** 1.5
+    options = dict(randaugment_ops=PHOTOMETRIC_OPS, num_randaugment_ops=3, blur_p=0.5)
+    calls = []
+    selective = transforms._where_applied
+
+    def counting(on, operation, chosen, *per_image):
+        calls.append(int(on.sum()))
+        return selective(on, operation, chosen, *per_image)
+
+    monkeypatch.setattr(transforms, "_where_applied", counting)
+    view = strong_augment(images, generator=_generator(3), **options)
+
+    def batch_path(on, operation, chosen, *per_image):
+        return torch.where(on.view(-1, 1, 1, 1), operation(chosen, *per_image), chosen)
+
+    monkeypatch.setattr(transforms, "_where_applied", batch_path)
+    reference = strong_augment(images, generator=_generator(3), **options)
+    torch.testing.assert_close(view.images, reference.images, rtol=0, atol=1e-6)
+    assert len(calls) == len(PHOTOMETRIC_OPS) - 1 + 1  # every op but identity, and the blur
+    assert sum(calls[:-1]) == 14 * 3 - int(
+        (reference.params.randaugment_ops == PHOTOMETRIC_OPS.index("identity")).sum()
+    )
+
+
 @pytest.mark.parametrize("op", PHOTOMETRIC_OPS)
 def test_each_photometric_op_keeps_range_and_geometry(op):
     """Photometric ops commute with a horizontal flip (they do not move pixels) and keep [0, 1]."""

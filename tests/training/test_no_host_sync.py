@@ -10,7 +10,8 @@ no-op, so it is made to raise too. Only ``_log_window`` (the one sync per ``--lo
 data loading, which happens on the host by design (its batches are fetched before the step).
 
 Where the code takes a CPU-only branch, the test takes the accelerator's: ``evaluation._histogram`` counts with
-``bincount`` on CPU (fastest there) and with a fixed-size ``scatter_add_`` elsewhere.
+``bincount`` on CPU (fastest there) and with a fixed-size ``scatter_add_`` elsewhere; the strong view's per-image
+ops run on the images that drew them on CPU and on the whole batch elsewhere (``transforms._where_applied``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch._subclasses.fake_tensor import (
 from training_helpers import adaptation, prepared
 
 from cpsl_hf import evaluation
+from cpsl_hf.data import transforms
 from cpsl_hf.training.loop import LogWindow
 
 
@@ -40,6 +42,7 @@ def _refuse_host_copy(*args, **kwargs):
 def accelerator_paths(monkeypatch):
     """The branches an accelerator takes, and ``Tensor.cpu`` refused (a no-op on a CPU run, a sync on a GPU)."""
     monkeypatch.setattr(evaluation, "_histogram", evaluation._scatter_histogram)
+    monkeypatch.setattr(transforms, "_where_applied", transforms._where_applied_to_batch)
 
 
 def _guarded_step(trainer, stage):
