@@ -407,3 +407,23 @@ def test_segformer_head_equals_transformers_segformer_decode_head(size):
         reference_grads = torch.autograd.grad((expected * upstream).sum(), list(reference.parameters()))
         for mine, theirs in zip(ours_grads, reference_grads):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+
+
+def test_mask_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
+    from cpsl_hf.modeling_cpsl import MaskDropout
+
+    torch.manual_seed(0)
+    dropout = MaskDropout(0.25)
+    features = torch.rand(64, 32, 32, dtype=torch.float64) + 0.5
+    features.requires_grad_()
+    dropped = dropout(features)
+    kept = dropped != 0
+    share = kept.double().mean().item()
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / kept.numel()) ** 0.5  # within 4 standard deviations
+    torch.testing.assert_close(dropped[kept], features[kept] / 0.75, rtol=0, atol=1e-12)
+    (gradient,) = torch.autograd.grad(dropped.sum(), features)
+    torch.testing.assert_close(gradient, kept.double() / 0.75, rtol=0, atol=1e-12)
+    assert not torch.equal(dropout(features), dropped)  # a new mask per call
+    dropout.eval()
+    assert dropout(features) is features
+    assert MaskDropout(0.0).train()(features) is features

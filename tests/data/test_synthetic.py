@@ -223,3 +223,23 @@ def test_bad_arguments_raise_clear_errors(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         load_synthetic(cache_dir=tmp_path, **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_images_are_stored_uncompressed_and_labels_compressed_losslessly(tmp_path):
+    """Images are stored PNG without compression (zlib's stored blocks: fast to decode), labels compressed;
+    both decode to exactly the generated arrays."""
+    import datasets
+
+    images, labels, _ = generate_synthetic("target", "train", 2, SIZE, seed=0)
+    dataset = load_synthetic("target", "train", num_images=2, image_size=SIZE, cache_dir=tmp_path)
+    decoded_images, decoded_labels = arrays(dataset)
+    np.testing.assert_array_equal(decoded_images, images)
+    np.testing.assert_array_equal(decoded_labels, labels)
+    raw = dataset.cast_column("image", datasets.Image(decode=False)).cast_column(
+        "label", datasets.Image(decode=False)
+    )
+    image_bytes = [row["image"]["bytes"] for row in raw]
+    label_bytes = [row["label"]["bytes"] for row in raw]
+    pixels = SIZE[0] * SIZE[1]
+    assert all(len(data) >= 3 * pixels for data in image_bytes)  # not compressed
+    assert all(len(data) < pixels / 4 for data in label_bytes)  # compressed
