@@ -9,6 +9,7 @@ exclusive: an evaluation inside a stage's start counts under evaluations only.
 
     python bench/profile_demo.py                       # the whole demo, phases table
     python bench/profile_demo.py --warmup_steps 200 --cpsl_steps 60 --op_profile 10
+    python bench/profile_demo.py --warmup_steps 200 --cpsl_steps 60 --op_profile 10 --op_shapes  # by input shape
 
 Prints Markdown tables (paste into BENCHMARKS.md with the command and the hardware line).
 """
@@ -46,6 +47,9 @@ def import_seconds(module: str, repeats: int = 3) -> float:
 def main() -> None:
     op_steps = 0
     argv = sys.argv[1:]
+    shapes = "--op_shapes" in argv
+    if shapes:
+        argv.remove("--op_shapes")
     if "--op_profile" in argv:
         position = argv.index("--op_profile")
         op_steps = int(argv[position + 1])
@@ -125,11 +129,12 @@ def main() -> None:
     )
     print(f"| **run (Trainer.train)** | **{total:.2f}** | 100% | | |")
     if op_steps:
-        profile_operators(argv, op_steps)
+        profile_operators(argv, op_steps, shapes)
 
 
-def profile_operators(argv: list[str], steps: int) -> None:
-    """torch.profiler over ``steps`` steps of each stage of a fresh run; the top operators by self CPU time."""
+def profile_operators(argv: list[str], steps: int, shapes: bool = False) -> None:
+    """torch.profiler over ``steps`` steps of each stage of a fresh run; the top operators by self CPU time
+    (with ``shapes``, one row per operator and input shapes: which tensor an operator was slow on)."""
     from torch.profiler import ProfilerActivity, profile
 
     from cpsl_hf.training.arguments import parse_args
@@ -151,12 +156,18 @@ def profile_operators(argv: list[str], steps: int) -> None:
             for _ in range(2):  # warm the allocator and caches
                 trainer.micro_step(stage)
                 trainer.optimisation_step_done(stage)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
                 for _ in range(steps):
                     trainer.micro_step(stage)
                     trainer.optimisation_step_done(stage)
             print(f"\n### {stage.name}: top operators over {steps} steps (self CPU time)\n")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            table = prof.key_averages(group_by_input_shape=shapes).table(
+                sort_by="self_cpu_time_total",
+                row_limit=25,
+                max_name_column_width=40,
+                max_shapes_column_width=70,
+            )
+            print(table)
             trainer.folder_lock.release()
 
 
