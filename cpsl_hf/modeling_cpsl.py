@@ -213,10 +213,6 @@ class SegformerProjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(input_dim, output_dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """N x C_in x h x w -> N x C_out x h x w (the layer on its own)."""
-        return pixel_affine(features, self.proj.weight, self.proj.bias)
-
 
 class DeepLabV2ASPPHead(nn.Module):
     """DeepLab-V2 ASPP classifier: parallel 3x3 convs with dilations 6/12/18/24, summed into logits.

@@ -149,7 +149,10 @@ def test_segformer_embedding_is_signed_before_the_relu_and_the_logits_do_not_cha
         head = signed.decode_head
         projected = [
             torch.nn.functional.interpolate(
-                p(f), size=features[0].shape[2:], mode="bilinear", align_corners=False
+                torch.einsum("oc,nchw->nohw", p.proj.weight, f) + p.proj.bias[:, None, None],
+                size=features[0].shape[2:],
+                mode="bilinear",
+                align_corners=False,
             )
             for f, p in zip(features, head.linear_projections)
         ]
