@@ -312,4 +312,39 @@ class CPSLConfig(PreTrainedConfig):
 
 CPSLConfig.register_for_auto_class("AutoConfig")
 
-__all__ = ["CITYSCAPES_CLASSES", "PRESETS", "CPSLConfig", "default_class_names"]
+_PRESET_DEFINING_FIELDS = ("model_type", "hidden_sizes", "depths", "layer_type")
+"""The backbone-config fields that tell the presets apart (the encoder's size and family)."""
+
+_FAMILY_NAMES = {"segformer": "SegFormer (MiT encoder)", "resnet": "DeepLab-V2 (ResNet encoder)"}
+
+
+def matching_preset(config: CPSLConfig) -> str | None:
+    """The name of the :data:`PRESETS` entry whose encoder ``config.backbone_config`` has (same family, widths,
+    depths), e.g. ``segformer-b5`` for a model built from ``nvidia/mit-b5``; ``None`` when none matches."""
+    backbone = config.backbone_config.to_dict()
+    for name, preset in PRESETS.items():
+        wanted = preset["backbone_config"]
+        if all(wanted.get(key) == backbone.get(key) for key in _PRESET_DEFINING_FIELDS):
+            return name
+    return None
+
+
+def describe_architecture(config: CPSLConfig, embedding_dim: int | None = None) -> str:
+    """The architecture in words for a model card, never a path: family, preset size (when one matches),
+    decode head and pixel-embedding size D (``embedding_dim``, default the config's), e.g. ``SegFormer (MiT
+    encoder) segformer-b5, segformer decode head, D=768``."""
+    preset = matching_preset(config)
+    family = _FAMILY_NAMES.get(config.backbone_type, config.backbone_type)
+    size = preset if preset is not None else "custom size"
+    width = config.embedding_dim if embedding_dim is None else embedding_dim
+    return f"{family} {size}, {config.decode_head} decode head, D={width}"
+
+
+__all__ = [
+    "CITYSCAPES_CLASSES",
+    "PRESETS",
+    "CPSLConfig",
+    "default_class_names",
+    "describe_architecture",
+    "matching_preset",
+]

@@ -5,7 +5,7 @@
   metadata carries a ``model-index`` (mIoU on the target validation set, per label protocol) that
   ``huggingface_hub.ModelCard`` parses back.
 - :func:`push_checkpoint` uploads a finished checkpoint folder with ``huggingface_hub`` (``create_repo`` +
-  ``upload_folder``). It fails at once, with a message that says why, when ``HF_HUB_OFFLINE=1`` is set, when
+  ``create_commit``, every local path redacted from the text files). It fails at once, with a message that says why, when ``HF_HUB_OFFLINE=1`` is set, when
   there is no token, or when the Hub cannot be reached (one short request checks before anything is uploaded).
 - :func:`publish_checkpoint` writes the card from ``metrics.json`` / ``training_info.json`` and pushes: what
   ``scripts/push_to_hub.py`` and the trainer's ``--push_to_hub`` run.
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from cpsl_hf.data.protocols import class_names as protocol_class_names
+from cpsl_hf.data.registry import is_hub_repo_id
+from cpsl_hf.provenance import METRICS_FILENAME, card_dataset_ids
 from cpsl_hf.utils import MissingPathError, UsageError, format_percent
 from cpsl_hf.visualization import PREDICTIONS_DIRNAME
 
@@ -48,7 +51,6 @@ DEFAULT_IGNORE_PATTERNS = (
 #: Seconds allowed to connect to / hear back from the Hub on the first request before giving up.
 HUB_CHECK_TIMEOUT_S = 10.0
 
-METRICS_FILENAME = "metrics.json"
 TRAINING_INFO_FILENAME = "training_info.json"
 
 CPSL_CITATION = """@inproceedings{li2022cpsl,
@@ -76,6 +78,23 @@ def _require_fraction(metrics: Mapping[str, Any], key: str) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"metrics[{key!r}] must be a finite fraction in [0, 1], got {value!r}")
     return float(value)
+
+
+def _format_gain(before: float | None, after: float | None) -> str:
+    """``after - before`` in IoU points with a sign (``+3.91``), ``n/a`` when either is undefined."""
+    if before is None or after is None or not (math.isfinite(before) and math.isfinite(after)):
+        return "n/a"
+    return f"{100.0 * (after - before):+.2f}"
+
+
+def _config_display(config: str) -> str:
+    """A recipe file as the card shows it: ``configs/NAME`` for one shipped in the repository's ``configs/``,
+    else the file's name alone (never a local path)."""
+    path = Path(config)
+    shipped = DEFAULT_TEMPLATE_PATH.parent.parent / "configs" / path.name
+    if path.parent.name == "configs" and shipped.is_file():
+        return f"configs/{path.name}"
+    return path.name if (path.is_absolute() or os.sep in config) else config
 
 
 def _format_duration(seconds: float) -> str:
@@ -137,18 +156,28 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
         headline.append(("Pixel accuracy", pixel_accuracy))
         eval_results.append(result(pixel_accuracy, "Pixel accuracy", metric_type="accuracy"))
 
-    datasets = training_info.get("datasets") or [source.lower(), target.lower()]
+    datasets = training_info.get("datasets")
+    if datasets is None:
+        datasets = card_dataset_ids([source.lower(), target.lower()])
+    base_model = training_info.get("base_model")
+    if base_model is not None and (not isinstance(base_model, str) or not is_hub_repo_id(base_model)):
+        raise ValueError(
+            f"training_info['base_model'] must be a Hub repo id such as 'nvidia/mit-b5', got {base_model!r} "
+            "(a local folder is no base model on the Hub: leave it out)"
+        )
     tags = ["image-segmentation", "semantic-segmentation", "domain-adaptation", "cpsl", "cityscapes"]
     tags += [tag for tag in training_info.get("tags", []) if tag not in tags]
+    relation = {"base_model_relation": "finetune"} if base_model else {}
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
         pipeline_tag="image-segmentation",
-        base_model=training_info.get("base_model"),
-        datasets=list(datasets),
+        base_model=base_model,
+        datasets=list(datasets) or None,
         tags=tags,
         model_name=model_name,
         eval_results=eval_results,
+        **relation,
     )
 
     recipe: list[tuple[str, str]] = []
@@ -171,9 +200,21 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
         recipe.append(("Training time", _format_duration(float(training_info["training_time_s"]))))
     hyperparameters = dict(training_info.get("hyperparameters") or {})
 
+    reference = training_info.get("reference_metrics")
+    reference_iou = list(reference["per_category_iou"]) if reference else [None] * num_classes
+    if len(reference_iou) != num_classes:
+        raise ValueError(
+            f"training_info['reference_metrics'] has {len(reference_iou)} per-class IoUs, the protocol {num_classes}"
+        )
     rows = [
-        {"name": name, "iou": format_percent(iou), "accuracy": format_percent(accuracy)}
-        for name, iou, accuracy in zip(names, per_category_iou, per_category_accuracy)
+        {
+            "name": name,
+            "iou": format_percent(iou),
+            "accuracy": format_percent(accuracy),
+            "reference": format_percent(before),
+            "gain": _format_gain(before, iou),
+        }
+        for name, iou, accuracy, before in zip(names, per_category_iou, per_category_accuracy, reference_iou)
     ]
     return {
         "card_data": card_data.to_yaml(),
@@ -188,6 +229,11 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
         "has_accuracy": any(accuracy is not None for accuracy in per_category_accuracy),
         "recipe": recipe,
         "hyperparameters": sorted(hyperparameters.items()),
+        "has_reference": reference is not None,
+        "reference_miou": format_percent(reference["mean_iou"]) if reference else None,
+        "miou": format_percent(mean_iou),
+        "miou_gain": _format_gain(reference["mean_iou"], mean_iou) if reference else None,
+        "plots": [(plot["title"], plot["path"]) for plot in training_info.get("plots") or []],
         "base_model": training_info.get("base_model"),
         "example_images": list(training_info.get("example_images") or []),
         "citation": CPSL_CITATION,
@@ -352,7 +398,8 @@ def push_checkpoint(
     """Upload a checkpoint folder (model, config, image processor, remote code, card) to a Hub model repo.
 
     Validates the folder, then :func:`check_hub_access` (fails at once offline / without token / without
-    network), then ``create_repo(exist_ok=True)`` and ``upload_folder``. Training state matching
+    network), then ``create_repo(exist_ok=True)`` and one ``create_commit`` of :func:`upload_operations` (local
+    paths redacted from text files). Training state matching
     ``ignore_patterns`` (optimizer, scheduler, RNG states, ``*.pt``/``*.bin`` pickles) stays local.
 
     Args:
@@ -366,16 +413,65 @@ def push_checkpoint(
     folder = validate_checkpoint(checkpoint_dir)
     check_repo_id(repo_id)
     token = check_hub_access(token, endpoint)
+    operations = upload_operations(folder, ignore_patterns)
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        folder_path=folder,
+    api.create_commit(
         repo_id=repo_url.repo_id,
         repo_type="model",
+        operations=operations,
         commit_message=commit_message or f"Upload CPSL checkpoint {folder.name}",
-        ignore_patterns=list(ignore_patterns),
     )
     return str(repo_url)
+
+
+#: Never uploaded, as ``upload_folder`` leaves them out: a git folder and huggingface_hub's download cache.
+_ALWAYS_IGNORED = (".git/*", ".cache/huggingface/*")
+
+
+def upload_files(
+    folder: str | os.PathLike, ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS
+) -> list[str]:
+    """The files of ``folder`` a push uploads (POSIX paths relative to it, sorted): all but those matching
+    ``ignore_patterns`` (``fnmatch`` on the relative path, as ``upload_folder``) and a ``.git`` folder."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder)
+    relative = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return list(filter_repo_objects(relative, ignore_patterns=[*ignore_patterns, *_ALWAYS_IGNORED]))
+
+
+def upload_operations(
+    folder: str | os.PathLike, ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS
+) -> list:
+    """``CommitOperationAdd`` of every file of :func:`upload_files`; text files (:data:`provenance.TEXT_SUFFIXES`)
+    are uploaded with every local path of the run replaced by ``<local>/NAME`` (:func:`provenance.local_paths`
+    of the folder's ``metrics.json`` and ``training_info.json``, the folder, the working and home directories), so
+    that nothing pushed shows the author's file system. Binary files (weights, PNGs, event files) go as they are.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    from cpsl_hf.provenance import TEXT_SUFFIXES, local_paths, redact_local_paths
+
+    folder = Path(folder)
+    records = []
+    for name in (METRICS_FILENAME, TRAINING_INFO_FILENAME):
+        if (folder / name).is_file():
+            try:
+                records.append(json.loads((folder / name).read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError) as error:
+                raise UsageError(f"{folder / name}: cannot read it as JSON ({error}); not pushing") from error
+    hidden = local_paths(records, folder)
+    operations = []
+    for relative in upload_files(folder, ignore_patterns):
+        path = folder / relative
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            text = redact_local_paths(path.read_text(encoding="utf-8", errors="surrogateescape"), hidden)
+            content = text.encode("utf-8", errors="surrogateescape")
+            operations.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=content))
+        else:
+            operations.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=str(path)))
+    return operations
 
 
 def _read_json(path: Path, argument: str) -> dict[str, Any]:
@@ -413,30 +509,104 @@ def card_inputs(
     )
 
 
+#: Hyperparameter sections of a run's arguments shown in the card (argument names are unique across them).
+_HYPERPARAMETER_SECTIONS = ("cpsl", "adversarial", "distill", "training")
+
+#: Arguments that are places or accounts, not hyperparameters.
+_NOT_HYPERPARAMETERS = ("output_dir", "config", "resume_from_checkpoint", "hub_model_id", "logging_dir")
+
+
+def _hyperparameters(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's hyperparameters table: the scalar arguments of :data:`_HYPERPARAMETER_SECTIONS`, without places
+    (folders, files, repo ids)."""
+    from cpsl_hf.provenance import local_paths
+
+    hidden = local_paths(arguments)
+    return {
+        key: value
+        for section in _HYPERPARAMETER_SECTIONS
+        for key, value in (arguments.get(section) or {}).items()
+        if isinstance(value, (int, float, str, bool))
+        and key not in _NOT_HYPERPARAMETERS
+        and not (isinstance(value, str) and any(value.startswith(path) or value == path for path in hidden))
+    }
+
+
 def _run_facts(training: Mapping[str, Any], exported_model: str | None) -> dict[str, Any]:
-    """The model card's ``training_info`` from the ``training`` record of a trainer's ``metrics.json``."""
-    from cpsl_hf.data.registry import DATASETS, dataset_spec
+    """The model card's ``training_info`` from the ``training`` record of a trainer's ``metrics.json``: names of
+    datasets, architecture and recipe file, never their local paths."""
+    from cpsl_hf.provenance import card_dataset_ids, dataset_display_name
 
     facts: dict[str, Any] = {}
     for key, card_key in (("source", "source_dataset"), ("target", "target_dataset")):
         if training.get(key):
             name = str(training[key])
-            display = dataset_spec(name).display_name if name in DATASETS else name
+            display = dataset_display_name(name)
             facts[card_key] = f"{display} {key}" if name == "synthetic" else display
     if training.get("source") and training.get("target"):
-        facts["datasets"] = list(dict.fromkeys([training["source"], training["target"]]))
-    for key in ("seed", "hardware", "method", "pseudo_labels", "num_classes", "config"):
+        facts["datasets"] = card_dataset_ids([training["source"], training["target"]])
+    for key in (
+        "seed", "hardware", "method", "pseudo_labels", "num_classes", "eval_split", "batch_size", "crop_size",
+        "mixed_precision", "architecture",
+    ):  # fmt: skip
         if training.get(key) is not None:
             facts[key] = training[key]
-    if training.get("backbone"):
-        facts["architecture"] = str(training["backbone"])
+    if "base_model" in training:  # recorded by the trainer: a Hub repo id or None (never a local path)
+        facts["base_model"] = training["base_model"]
+    elif (
+        training.get("backbone")
+        and is_hub_repo_id(training["backbone"])
+        and not os.path.isdir(training["backbone"])
+    ):
+        facts["base_model"] = training["backbone"]  # a record of an older version: a Hub backbone id
+    if "architecture" not in facts and training.get("backbone"):
+        facts["architecture"] = Path(str(training["backbone"])).name
+    if "config" in training:
+        facts["config"] = (
+            _config_display(str(training["config"]))
+            if training["config"]
+            else "defaults (configs/synthetic_demo.yaml)"
+        )
     if training.get("final_stage"):
         facts["stage"] = f"{training['final_stage']} ({exported_model or 'student'})"
-    if training.get("stages"):
+    if training.get("recipe"):
+        facts["steps"] = training["recipe"]
+    elif training.get("stages"):
         facts["steps"] = " + ".join(f"{stage['steps']} {stage['name']}" for stage in training["stages"])
     if training.get("training_seconds") is not None:
         facts["training_time_s"] = training["training_seconds"]
+    if training.get("arguments"):
+        facts["hyperparameters"] = _hyperparameters(training["arguments"])
+        facts["evaluation"] = "whole image, no flip, at label resolution"
     return facts
+
+
+def write_run_card(
+    model_dir: str | os.PathLike,
+    document: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> Path:
+    """The card of a trainer's run folder from its ``metrics.json`` record (:func:`card_inputs`): the warm-up
+    column and gains of the per-class table (:func:`cpsl_hf.card_plots.reference_metrics`) and the plots of
+    :func:`cpsl_hf.card_plots.write_card_plots` (PNG files in ``model_dir/plots/``; without matplotlib a line
+    says they were not drawn). ``overrides`` (``model_name``, ``repo_id``, ...) win over the record."""
+    from cpsl_hf import card_plots
+
+    metrics, facts = card_inputs(document)
+    if facts:  # a trainer's record (not the flat output of scripts/evaluate.py)
+        reference = card_plots.reference_metrics(document)
+        if reference is not None:
+            facts["reference_metrics"] = reference
+        if card_plots.matplotlib_available():
+            facts["plots"] = [
+                dataclasses.asdict(plot) for plot in card_plots.write_card_plots(document, model_dir)
+            ]
+        else:
+            print(
+                "model card: matplotlib is not installed, so the card has no plots (pip install 'cpsl-hf[demo]')"
+            )
+    return write_model_card(model_dir, metrics, {**facts, **(overrides or {})}, template_path)
 
 
 def publish_checkpoint(
@@ -469,17 +639,15 @@ def publish_checkpoint(
     if training_info_file is not None and not info_path.is_file():
         raise MissingPathError(f"--training_info {info_path}: no such file")
     if metrics_path.is_file():
-        metrics, run_facts = card_inputs(_read_json(metrics_path, "--metrics"), metrics_path)
-        training_info = {
-            **run_facts,
-            **(_read_json(info_path, "--training_info") if info_path.is_file() else {}),
-        }
+        document = _read_json(metrics_path, "--metrics")
+        card_inputs(document, metrics_path)  # either layout, else an error that names the file
+        overrides = _read_json(info_path, "--training_info") if info_path.is_file() else {}
         # The card's loading code names the repo: a bare NAME becomes the USER/NAME create_repo will make.
         if "/" not in repo_id.strip("/"):
             repo_id = f"{hub_user(token, endpoint)}/{repo_id.strip('/')}"
-        training_info["repo_id"] = repo_id  # the repo pushed to, whatever an older training_info.json says
-        training_info.setdefault("model_name", repo_id.split("/")[-1])
-        write_model_card(folder, metrics, training_info, template_path)
+        overrides["repo_id"] = repo_id  # the repo pushed to, whatever an older training_info.json says
+        overrides.setdefault("model_name", repo_id.split("/")[-1])
+        write_run_card(folder, document, overrides, template_path)
     elif not (folder / "README.md").is_file():
         raise FileNotFoundError(
             f"{folder} has no README.md and no {METRICS_FILENAME}: evaluate the checkpoint first "

@@ -209,7 +209,9 @@ def test_publish_a_training_run_renders_the_card_from_its_final_evaluation(
     from cpsl_hf.utils import format_percent
 
     first_class = final["class_names"][0]
-    assert f"| {first_class} | {format_percent(final['per_category_iou'][0])} |" in card.text
+    warmup = document["history"]["warmup"]["1"]["student"]  # the warm-up column: the start of adaptation
+    before, after = (format_percent(m["per_category_iou"][0]) for m in (warmup, final))
+    assert f"| {first_class} | {before} | {after} |" in card.text
     assert f"{final['stage']} ({document['exported_model']})" in card.text
     assert 'from_pretrained("tester/cpsl-trained"' in card.text
 

@@ -6,7 +6,6 @@ Every function reads a finished :class:`~cpsl_hf.training.loop.Trainer`; nothing
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import platform
@@ -17,20 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cpsl_hf.data.registry import DATASETS, dataset_spec
-from cpsl_hf.utils import format_percent
+from cpsl_hf.utils import format_percent, json_ready
 
 from .faults import NonFiniteModelError
 
 if TYPE_CHECKING:
     from .loop import Trainer
-
-DATASET_DISPLAY_NAMES = {
-    "gta5": "GTA5",
-    "synthia": "SYNTHIA",
-    "cityscapes": "Cityscapes",
-    "synthetic": "synthetic",
-}
 
 
 def exported_network(trainer: Trainer) -> tuple[str, nn.Module]:
@@ -86,12 +77,13 @@ def export_run(trainer: Trainer) -> None:
             "final": {"stage": final_stage, "step": final_step, **exported},
             "history": trainer.history,
             "pseudo_labels": trainer.pseudo_label_history,
+            "logs": trainer.log_history,
             "training": info,
         }
-        metrics_path.write_text(json.dumps(document, indent=2))
+        metrics_path.write_text(json.dumps(json_ready(document), indent=2))
         if training.save_predictions > 0:  # before the card, which links them
             save_predictions(trainer, network, model_dir / "predictions")
-        card_path = write_card(trainer, exported, info)
+        card_path = write_card(trainer, document)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         print(summary_table(trainer))
@@ -122,12 +114,23 @@ def push(model_dir: Path, repo_id: str, private: bool) -> None:
 
 def training_info(trainer: Trainer, final_stage: str, final_step: int) -> dict[str, Any]:
     """The run's recipe and context, as written to ``metrics.json["training"]``."""
+    from cpsl_hf.configuration_cpsl import PRESETS, describe_architecture
+    from cpsl_hf.provenance import hub_base_model
+
     args = trainer.args
-    training, distill = args.training, args.distill
+    training, distill, data = args.training, args.distill, args.data
     return {
-        "source": args.data.source,
-        "target": args.data.target,
+        "source": data.source,
+        "target": data.target,
         "backbone": args.model.model_name_or_path or args.model.backbone,
+        "base_model": hub_base_model(args.model.backbone, args.model.model_name_or_path, PRESETS),
+        "architecture": describe_architecture(trainer.student.config, trainer.embedding_dim),
+        "eval_split": data.target_val_split,
+        "batch_size": f"{training.source_batch_size} + {training.target_batch_size} per process "
+        f"x {trainer.accelerator.num_processes} process(es)",
+        "crop_size": f"{data.crop_size[0]} x {data.crop_size[1]}",
+        "mixed_precision": training.mixed_precision,
+        "recipe": recipe(trainer),
         "num_classes": args.data.num_classes,
         "warmup_steps": training.warmup_steps,
         "warmup_adversarial": args.adversarial.warmup_adversarial,
@@ -137,7 +140,14 @@ def training_info(trainer: Trainer, final_stage: str, final_step: int) -> dict[s
         "distill_rounds": distill.distill_rounds,
         "distill_steps": distill.distill_steps if distill.distill_rounds else 0,
         "distill_init": distill.distill_init if distill.distill_rounds else None,
-        "stages": [{"name": stage.name, "steps": stage.steps} for stage in trainer.stages],
+        "stages": [
+            {
+                "name": stage.name,
+                "title": getattr(stage, "title", None) or stage.column_title(""),
+                "steps": stage.steps,
+            }
+            for stage in trainer.stages
+        ],
         "seed": training.seed,
         "config": training.config,
         "num_processes": trainer.accelerator.num_processes,
@@ -166,54 +176,16 @@ def recipe(trainer: Trainer) -> str:
     return " + ".join(words if count == 1 else f"{count} x {words}" for words, count in parts)
 
 
-def write_card(trainer: Trainer, metrics: dict[str, Any], info: dict[str, Any]) -> Path | None:
-    """The model card (:mod:`cpsl_hf.hub`) from the exported network's final evaluation and the run's recipe."""
+def write_card(trainer: Trainer, document: dict[str, Any]) -> Path | None:
+    """The model card (:mod:`cpsl_hf.hub`) from the run's ``metrics.json`` record, with its plots: the same card
+    ``scripts/push_to_hub.py`` writes from that file later."""
     from cpsl_hf import hub
-    from cpsl_hf.configuration_cpsl import PRESETS
 
-    args = trainer.args
-    data, training = args.data, args.training
-    source, target = (_display_name(name) for name in (data.source, data.target))
-    backbone = info["backbone"]
-    card_info = {
-        "model_name": trainer.output_dir.name,
-        "source_dataset": "synthetic source" if data.source == "synthetic" else source,
-        "target_dataset": "synthetic target" if data.target == "synthetic" else target,
-        "eval_split": data.target_val_split,
-        "datasets": list(dict.fromkeys([data.source, data.target])),
-        "base_model": None if backbone in PRESETS else backbone,
-        "config": training.config or "defaults (configs/synthetic_demo.yaml)",
-        "architecture": f"{backbone} ({trainer.student.config.decode_head} head, D={trainer.embedding_dim})",
-        "stage": f"{info['final_stage']} ({exported_network(trainer)[0]})",
-        "steps": recipe(trainer),
-        "batch_size": f"{training.source_batch_size} + {training.target_batch_size} per process "
-        f"x {trainer.accelerator.num_processes} process(es)",
-        "crop_size": f"{data.crop_size[0]} x {data.crop_size[1]}",
-        "seed": training.seed,
-        "hardware": info["hardware"],
-        "mixed_precision": training.mixed_precision,
-        "evaluation": "whole image, no flip, at label resolution",
-        "training_time_s": info["training_seconds"],
-        "hyperparameters": _hyperparameters(args),
-        "num_classes": trainer.num_classes,
-        "method": args.cpsl.method,
-        "pseudo_labels": args.cpsl.pseudo_labels,
-    }
+    training = trainer.args.training
+    overrides = {"model_name": trainer.output_dir.name}
     if training.hub_model_id:
-        card_info["repo_id"] = training.hub_model_id
-    return hub.write_model_card(trainer.output_dir, metrics, card_info)
-
-
-def _hyperparameters(args) -> dict[str, Any]:
-    """The card's hyperparameters table: the scalar arguments of the cpsl, adversarial, distill and training
-    groups (argument names are unique across groups)."""
-    groups = (args.cpsl, args.adversarial, args.distill, args.training)
-    return {
-        key: value
-        for group in groups
-        for key, value in dataclasses.asdict(group).items()
-        if isinstance(value, (int, float, str, bool)) and key not in ("output_dir", "config")
-    }
+        overrides["repo_id"] = training.hub_model_id
+    return hub.write_run_card(trainer.output_dir, document, overrides)
 
 
 def save_predictions(trainer: Trainer, network: nn.Module, out_dir: Path) -> None:
@@ -257,8 +229,3 @@ def summary_table(trainer: Trainer) -> str:
             "| mIoU (13) | " + " | ".join(format_percent(m.get("mean_iou_13")) for _, m in columns) + " |"
         )
     return "\n".join(lines)
-
-
-def _display_name(name: str) -> str:
-    """GTA5, SYNTHIA, Cityscapes, synthetic; a prepared folder or Hub id as it is."""
-    return dataset_spec(name).display_name if name in DATASETS else name

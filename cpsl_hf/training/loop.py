@@ -63,6 +63,7 @@ class Trainer:
         self.stages = build_stages(args) if stages is None else list(stages)
         self.history: dict[str, dict[str, dict[str, Any]]] = {}  # stage -> step -> network -> metrics
         self.pseudo_label_history: dict[str, dict[str, Any]] = {}  # stage -> stage_summary of the monitor
+        self.log_history: list[dict[str, Any]] = []  # {"step", "stage", **logged scalars} per logging window
         self.pseudo_label_monitor: PseudoLabelMonitor | None = None
         self.prototype_optimizer = self.prototype_scheduler = None  # W's own (--prototype_optimizer)
         self.folder_lock = None  # held by the main process while the run trains
@@ -115,7 +116,7 @@ class Trainer:
         for stage in self.stages:
             stage.setup(self)
         if training.report_to != "none":
-            accelerator.init_trackers("cpsl", config=_flat_config(self.args))
+            accelerator.init_trackers("cpsl", config=tracker_config(self.args))
 
     def _configure_matmul_precision(self) -> None:
         """On CUDA, TF32 float32 matmuls and cuDNN convolutions as ``--allow_tf32`` says (:meth:`train` puts the
@@ -606,6 +607,7 @@ class Trainer:
         images = window.images * self.accelerator.num_processes
         logs["images_per_second"] = images / max(time.time() - window.started, 1e-9)
         self.accelerator.log(logs, step=self.step)
+        self.log_history.append({"step": self.step, "stage": stage.name, **logs})
         if bar is not None:
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
         elif self.accelerator.is_main_process:
@@ -702,6 +704,7 @@ class Trainer:
             "stages": {stage.name: stage.state_dict() for stage in self.stages},
             "pseudo_label_history": self.pseudo_label_history,
             "history": self.history,
+            "log_history": self.log_history,
             "arguments": self.args.to_dict(),
         }
         monitor = self.pseudo_label_monitor
@@ -734,6 +737,7 @@ class Trainer:
             stage.load_state_dict(saved[stage.name])
         self.pseudo_label_history = run_state["pseudo_label_history"]
         self.history = run_state["history"]
+        self.log_history = list(run_state.get("log_history", []))  # absent from checkpoints of older versions
         if self.pseudo_label_monitor is not None and process_state["pseudo_label_monitor"] is not None:
             self.pseudo_label_monitor.load_state_dict(process_state["pseudo_label_monitor"])
         self.source_loader.load_state_dict(process_state["source_loader"])
@@ -784,7 +788,7 @@ def _make_accelerator(training, output_dir: Path):
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         log_with=None if training.report_to == "none" else training.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+            project_dir=str(output_dir), logging_dir=str(output_dir / TRACKER_DIRNAME)
         ),
         step_scheduler_with_optimizer=False,
     )
@@ -806,13 +810,24 @@ def _size(values) -> tuple[int, int] | None:
     return tuple(values) if values else None
 
 
-def _flat_config(args: RunArguments) -> dict[str, Any]:
-    """Tracker-friendly flat config (scalars and strings only)."""
+TRACKER_DIRNAME = "runs"
+"""Where ``--report_to tensorboard`` writes its event files in the output folder: pushed with the model, where the
+Hub's training-metrics tab finds them."""
+
+
+def tracker_config(args: RunArguments) -> dict[str, Any]:
+    """The run's arguments for the trackers, flat (``group/name``: scalars and strings only), with local paths
+    replaced by ``<local>/NAME`` (the event files and ``hparams.yml`` travel to the Hub with the model)."""
+    from cpsl_hf.provenance import local_paths, redact_local_paths
+
+    arguments = args.to_dict()
+    hidden = local_paths(arguments, args.training.output_dir)
     flat = {}
-    for group, values in args.to_dict().items():
+    for group, values in arguments.items():
         for key, value in values.items():
-            flat[f"{group}/{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+            value = value if isinstance(value, (int, float, str, bool)) else str(value)
+            flat[f"{group}/{key}"] = redact_local_paths(value, hidden) if isinstance(value, str) else value
     return flat
 
 
-__all__ = ["LogWindow", "Trainer", "set_tf32", "tf32_settings", "train"]
+__all__ = ["TRACKER_DIRNAME", "LogWindow", "Trainer", "set_tf32", "tf32_settings", "train", "tracker_config"]

@@ -133,10 +133,19 @@ def test_push_to_hub_uploads_exactly_the_exported_folder(tmp_path, monkeypatch, 
         for path in (output / "predictions" / folder).glob("*.png")
     }
     assert len(strips) == VAL_IMAGES and len(evaluations) == 2 * VAL_IMAGES
-    assert local == MODEL_FILES | {"metrics.json", "README.md"} | strips | evaluations
+    plots = {
+        "plots/miou_over_training.png",
+        "plots/per_class_iou.png",
+        "plots/pseudo_labels_over_training.png",
+    }
+    assert local == MODEL_FILES | {"metrics.json", "README.md"} | strips | evaluations | plots
     assert _files(arrived) == local
     for name in local:
-        assert (arrived / name).read_bytes() == (output / name).read_bytes(), name
+        if name == "metrics.json":  # uploaded with the local paths redacted (tests/test_card.py)
+            pushed, kept = (json.loads((folder / name).read_text()) for folder in (arrived, output))
+            assert pushed["final"] == kept["final"] and str(tmp_path) not in json.dumps(pushed)
+        else:
+            assert (arrived / name).read_bytes() == (output / name).read_bytes(), name
     card = ModelCard.load(arrived / "README.md")
     assert 'from_pretrained("tester/cpsl-run"' in card.text
 
@@ -152,7 +161,11 @@ def test_push_to_hub_keeps_resumable_checkpoints_local(tmp_path, monkeypatch, sy
             )
         )  # fmt: skip
     assert (output / "checkpoints" / "checkpoint-1" / "model.safetensors").is_file()  # kept locally
-    assert _files(server.repo_dir("tester/cpsl-ckpt")) == MODEL_FILES | {"metrics.json", "README.md"}
+    plots = {name for name in _files(output) if name.startswith("plots/")}
+    assert (
+        plots
+        and _files(server.repo_dir("tester/cpsl-ckpt")) == MODEL_FILES | {"metrics.json", "README.md"} | plots
+    )
 
 
 @pytest.mark.parametrize("hub_model_id", ["cpsl-bare", "a/b/c", "/cpsl", "tester/"])
@@ -354,7 +367,8 @@ def test_only_the_main_process_pushes(two_process_offline_run):
     assert routes.count("/api/repos/create") == 1
     assert [commit["repo_id"] for commit in server.commits] == ["tester/cpsl-ddp"]
     arrived = server.repo_dir("tester/cpsl-ddp")
-    assert _files(arrived) == MODEL_FILES | {"metrics.json", "README.md"}
+    plots = {name for name in _files(arrived) if name.startswith("plots/")}
+    assert _files(arrived) == MODEL_FILES | {"metrics.json", "README.md"} | plots and plots
     assert (arrived / "model.safetensors").read_bytes() == (folder / "run" / "model.safetensors").read_bytes()
     assert json.loads((arrived / "metrics.json").read_text())["training"]["num_processes"] == 2
 
@@ -374,7 +388,8 @@ def test_offline_pseudo_labels_with_init_max_images_fail_before_training(tmp_pat
 
 def test_tensorboard_tracker_records_losses_rates_and_evaluations(tmp_path, synthetic_cache):
     """--report_to tensorboard: every logged loss and rate per --logging_steps, and each evaluation's mIoU, as
-    stored in metrics.json."""
+    stored in metrics.json, in OUTPUT/runs/ (what the Hub's training-metrics tab reads); metrics.json's ``logs``
+    hold the same scalars; the recorded hyperparameters name no local path."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output = tmp_path / "run"
@@ -384,7 +399,7 @@ def test_tensorboard_tracker_records_losses_rates_and_evaluations(tmp_path, synt
             "--save_predictions", "0", "--report_to", "tensorboard",
         )
     )  # fmt: skip
-    event_files = list((output / "logs").rglob("events.out.tfevents.*"))
+    event_files = list((output / "runs").rglob("events.out.tfevents.*"))
     assert event_files, sorted(p.relative_to(output).as_posix() for p in output.rglob("*"))
     scalars = {}
     for event_file in event_files:
@@ -402,6 +417,19 @@ def test_tensorboard_tracker_records_losses_rates_and_evaluations(tmp_path, synt
     assert scalars["eval/student_miou"][4] == pytest.approx(history["cpsl"]["4"]["student"]["mean_iou"])
     assert scalars["eval/teacher_miou"][4] == pytest.approx(history["cpsl"]["4"]["teacher"]["mean_iou"])
     assert trainer.step == 4
+    logs = json.loads((output / "metrics.json").read_text())["logs"]
+    assert [(entry["step"], entry["stage"]) for entry in logs] == [
+        (1, "warmup"),
+        (2, "warmup"),
+        (3, "cpsl"),
+        (4, "cpsl"),
+    ]
+    for entry in logs:
+        for tag in ("loss_source", "lr_backbone"):
+            assert scalars[tag][entry["step"]] == pytest.approx(entry[tag], rel=1e-6)
+    hparams = [path.read_text() for path in (output / "runs").rglob("hparams.yml")]
+    assert hparams and "synthetic_cache_dir: <local>/" in hparams[0]
+    assert not any(str(tmp_path) in text for text in hparams)
 
 
 class _NothingLabelled(SelfLabeling):
