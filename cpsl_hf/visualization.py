@@ -179,6 +179,7 @@ def save_prediction_strips(
     num_classes: int,
     max_images: int = 4,
     flip: bool = False,
+    inputs_dir: str | Path | None = None,
 ) -> list[Path]:
     """Predict the first ``max_images`` samples and save one :func:`side_by_side` strip PNG per sample.
 
@@ -191,6 +192,8 @@ def save_prediction_strips(
             optionally ``labels`` (train ids ``H x W`` / ``N x H x W``) and ``name``.
         out_dir: folder for the strips (created); the trainer uses ``<checkpoint>/predictions``.
         max_images: how many strips to write at most.
+        inputs_dir: when given, each input image is also saved there as it was, ``inputs_dir/NN_<name>.png``
+            (the trainer's ``<checkpoint>/examples``: images a demo Space offers to try).
 
     Returns:
         The written paths, ``out_dir/NN_<name>.png``, in sample order.
@@ -202,6 +205,9 @@ def save_prediction_strips(
     model = unwrap_model(model)  # DDP / torch.compile wrappers: run the bare module, no collectives
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if inputs_dir is not None:
+        inputs_dir = Path(inputs_dir)
+        inputs_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     written: list[Path] = []
@@ -214,6 +220,8 @@ def save_prediction_strips(
             path = out_dir / f"{_file_stem(name, index)}.png"
             strip.save(path)
             written.append(path)
+            if inputs_dir is not None:
+                Image.fromarray(pixel_values.permute(1, 2, 0).cpu().numpy()).save(inputs_dir / path.name)
     finally:
         model.train(was_training)
     return written

@@ -122,6 +122,24 @@ def test_save_prediction_strips_restores_mode_and_shows_the_prediction(tmp_path,
     np.testing.assert_array_equal(strip[bar:, 52:100], 0)  # all-ignore ground truth is black
 
 
+def test_save_prediction_strips_keeps_the_inputs_as_they_were(tmp_path, checkpoint):
+    """inputs_dir: each shown image saved losslessly beside its strip's name (the demo Space's examples)."""
+    _, model = checkpoint
+    images = np.random.default_rng(2).integers(0, 256, size=(3, 3, 32, 48), dtype=np.uint8)
+    samples = [{"pixel_values": torch.from_numpy(images), "name": ["p", "q", "r"]}]
+    paths = save_prediction_strips(
+        model, samples, tmp_path / "strips", 19, max_images=2, inputs_dir=tmp_path / "ex"
+    )
+    assert sorted(path.name for path in (tmp_path / "ex").iterdir()) == [path.name for path in paths]
+    for path, image in zip(paths, images):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "ex" / path.name)), image.transpose(1, 2, 0)
+        )
+    assert not (tmp_path / "no_inputs").exists()
+    save_prediction_strips(model, samples, tmp_path / "strips2", 19, max_images=1)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ex", "strips", "strips2"]
+
+
 def _load_predict_script():
     spec = importlib.util.spec_from_file_location("predict_script", REPO / "scripts" / "predict.py")
     module = importlib.util.module_from_spec(spec)

@@ -82,7 +82,9 @@ def export_run(trainer: Trainer) -> None:
         }
         metrics_path.write_text(json.dumps(json_ready(document), indent=2))
         if training.save_predictions > 0:  # before the card, which links them
-            save_predictions(trainer, network, model_dir / "predictions")
+            save_predictions(
+                trainer, network, model_dir / "predictions", inputs_dir=model_dir / EXAMPLES_DIRNAME
+            )
         card_path = write_card(trainer, document)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -188,8 +190,15 @@ def write_card(trainer: Trainer, document: dict[str, Any]) -> Path | None:
     return hub.write_run_card(trainer.output_dir, document, overrides)
 
 
-def save_predictions(trainer: Trainer, network: nn.Module, out_dir: Path) -> None:
-    """Image | ground truth | prediction strips of the first ``--save_predictions`` validation images."""
+EXAMPLES_DIRNAME = "examples"
+"""The exported folder's copies of the validation images its strips show (what ``scripts/make_space.py`` offers)."""
+
+
+def save_predictions(
+    trainer: Trainer, network: nn.Module, out_dir: Path, inputs_dir: Path | None = None
+) -> None:
+    """Image | ground truth | prediction strips of the first ``--save_predictions`` validation images (and, with
+    ``inputs_dir``, the images themselves)."""
     from cpsl_hf.visualization import save_prediction_strips
 
     save_prediction_strips(
@@ -198,6 +207,7 @@ def save_predictions(trainer: Trainer, network: nn.Module, out_dir: Path) -> Non
         out_dir,
         trainer.num_classes,
         max_images=trainer.args.training.save_predictions,
+        inputs_dir=inputs_dir,
     )
 
 

@@ -138,7 +138,9 @@ def test_push_to_hub_uploads_exactly_the_exported_folder(tmp_path, monkeypatch, 
         "plots/per_class_iou.png",
         "plots/pseudo_labels_over_training.png",
     }
-    assert local == MODEL_FILES | {"metrics.json", "README.md"} | strips | evaluations | plots
+    examples = {f"examples/{path.name}" for path in (output / "examples").glob("*.png")}
+    assert {name.split("/")[1] for name in examples} == {name.split("/")[1] for name in strips}
+    assert local == MODEL_FILES | {"metrics.json", "README.md"} | strips | evaluations | plots | examples
     assert _files(arrived) == local
     for name in local:
         if name == "metrics.json":  # uploaded with the local paths redacted (tests/test_card.py)

@@ -105,6 +105,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, synthetic_cache):
     assert state.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+    # The logged windows (the card's curves) continue across the resume: every step once, the same losses.
+    straight_logs = json.loads((tmp_path / "straight" / "metrics.json").read_text())["logs"]
+    resumed_logs = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["logs"]
+    assert (
+        [entry["step"] for entry in resumed_logs]
+        == [entry["step"] for entry in straight_logs]
+        == [1, 2, 3, 4, 5, 6]
+    )
+    for straight, again in zip(straight_logs, resumed_logs):
+        assert again["loss"] == pytest.approx(straight["loss"], rel=1e-6), straight["step"]
 
 
 DRIVER = textwrap.dedent(
