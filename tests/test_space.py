@@ -114,7 +114,7 @@ def _expected_colours(model_dir: Path, image: Image.Image) -> np.ndarray:
     from cpsl_hf.visualization import predict_train_ids
 
     model = CPSLForSemanticSegmentation.from_pretrained(model_dir).eval()
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
     return colorize(predict_train_ids(model, pixels).numpy(), 19)
 
 
