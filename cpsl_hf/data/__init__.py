@@ -21,6 +21,14 @@ _EXPORTS = {
     "synthia_lut": "protocols",
     "train_id_to_label_id": "protocols",
     "colorize": "protocols",
+    # class tables: any class set
+    "ClassTable": "class_table",
+    "ClassTableError": "class_table",
+    "ClassMapping": "class_table",
+    "load_class_table": "class_table",
+    "map_class_tables": "class_table",
+    "protocol_table": "class_table",
+    "distinct_palette": "class_table",
     # the dataset registry: every dataset by name
     "DatasetSpec": "registry",
     "DATASET_SPECS": "registry",
