@@ -449,6 +449,7 @@ def evaluate_model(
     sliding_window: tuple[int, int, int, int] | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """mIoU of ``model`` over ``loader``, reduced across processes.
 
@@ -468,6 +469,7 @@ def evaluate_model(
             same bilinear float32 values as upsampling the whole batch first, without materialising
             ``N x C x H x W``).
         progress: show a progress bar (main process only).
+        class_names: the ``C`` names of the metrics (a class table's); default the protocol's.
 
     Returns:
         :meth:`ConfusionMatrix.compute` of the matrix summed over all processes (identical on every process).
@@ -500,7 +502,7 @@ def evaluate_model(
                 confusion.update(logits, labels)
     finally:
         model.train(was_training)
-    return confusion.reduce().compute()
+    return confusion.reduce().compute(class_names)
 
 
 def _is_main_process() -> bool:

@@ -226,6 +226,7 @@ def save_predictions(trainer: Trainer, network: nn.Module, out_dir: Path) -> Non
         out_dir,
         trainer.num_classes,
         max_images=trainer.args.training.save_predictions,
+        palette=trainer.class_table.palette,
     )
 
 

@@ -3,7 +3,9 @@ the evaluator's names agree with it, and unknown names fail clearly."""
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from cpsl_hf.data import folder as folder_reader
 from cpsl_hf.data import prepare, readers, registry, synthetic, testing
 from cpsl_hf.data.registry import DATASETS, dataset_kind, dataset_spec, load_dataset
 
@@ -42,6 +44,12 @@ def downloads(tmp_path_factory):
         }
         testing.write_cityscapes(root / "cityscapes", maps, split=split)
     prepare.prepare_dataset("gta5", root / "gta5", root / "gta5-prepared", num_shards=1, progress=False)
+    # your own folder: images/ + masks/ whose values are GTA5's (Cityscapes label ids), with a 2-class table
+    for index, label_ids in enumerate(gta5.values()):
+        for sub, array in (("images", testing.random_image(6, 8, rng)), ("masks", label_ids)):
+            (root / "folder" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / "folder" / sub / f"f{index}.png")
+    (root / "folder.yaml").write_text("classes: [{name: road, values: [7]}, {name: car, values: [26, 27]}]")
     return {"root": root, "names": {"gta5": sorted(gta5), "synthia": sorted(synthia)}}
 
 
@@ -66,6 +74,10 @@ def load_both(name, downloads, tmp_path):
     elif name == "cityscapes":
         through = load_dataset(name, folder, split="val", num_classes=16, label_cache_dir=root / "a")
         direct = readers.load_cityscapes(folder, split="val", num_classes=16, cache_dir=root / "b")
+    elif name == "folder":
+        table = downloads["root"] / "folder.yaml"
+        through = load_dataset(name, folder, "train", class_table=table, label_cache_dir=root / "a")
+        direct = folder_reader.load_folder(folder, table, "train", cache_dir=root / "b")
     elif name == "prepared":
         prepared = downloads["root"] / "gta5-prepared"
         through = load_dataset(name, prepared, split="train", streaming=True)
@@ -89,11 +101,20 @@ READERS = {
     "synthia": readers.load_synthia,
     "cityscapes": readers.load_cityscapes,
     "prepared": readers.load_prepared,
+    "folder": folder_reader.load_folder,
 }
 
 
 def test_the_registry_holds_the_datasets_the_package_reads():
-    assert set(DATASETS) == {"synthetic", "synthetic-hard", "gta5", "synthia", "cityscapes", "prepared"}
+    assert set(DATASETS) == {
+        "synthetic",
+        "synthetic-hard",
+        "gta5",
+        "synthia",
+        "cityscapes",
+        "folder",
+        "prepared",
+    }
     assert registry.DOWNLOADS == ("gta5", "synthia", "cityscapes")
     assert readers.LAYOUTS == {name: dataset_spec(name).layout for name in ("gta5", "synthia", "cityscapes")}
     assert (
@@ -185,8 +206,11 @@ def test_the_trainer_accepts_exactly_the_names_and_protocols_the_registry_loads(
     from cpsl_hf.training.arguments import ConfigurationError, parse_args
 
     assert set(arguments.KNOWN_DATASETS) <= set(DATASETS)
-    assert arguments.KNOWN_DATASETS == ("synthetic", "gta5", "synthia", "cityscapes")
-    for name in arguments.KNOWN_DATASETS:
+    assert arguments.KNOWN_DATASETS == ("synthetic", "gta5", "synthia", "cityscapes", "folder")
+    assert (
+        arguments.dataset_kind("folder") == "folder"
+    )  # its classes come from --class_table (test_folder_run)
+    for name in ("synthetic", "gta5", "synthia", "cityscapes"):
         assert arguments.dataset_kind(name) == name
         for num_classes in (19, 16, 13):
             folder = downloads["root"] / name
