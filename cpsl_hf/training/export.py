@@ -253,7 +253,7 @@ def summary_table(trainer: Trainer) -> str:
     lines.append(
         "| **mIoU** | " + " | ".join(f"**{format_percent(m['mean_iou'])}**" for _, m in columns) + " |"
     )
-    if trainer.num_classes == 16:
+    if any(m.get("mean_iou_13") is not None for _, m in columns):
         lines.append(
             "| mIoU (13) | " + " | ".join(format_percent(m.get("mean_iou_13")) for _, m in columns) + " |"
         )
