@@ -2,6 +2,7 @@
 warm-up -> CPSL -> evaluation -> export; the exported model, its metrics, its strips and its card use the table."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from cpsl_hf.data import protocols
 from cpsl_hf.data.synthetic import COARSE_CATEGORIES, generate_synthetic, write_synthetic_folders
 from cpsl_hf.training.arguments import ConfigurationError, parse_args
 
+REPOSITORY = Path(__file__).resolve().parents[2]
 COARSE = [name for name, _ in COARSE_CATEGORIES]
 # Cityscapes' own category of each of the 19 classes, written out (independent of the class table's values)
 CATEGORY_OF = {
@@ -144,3 +146,28 @@ def test_target_with_its_own_table_is_mapped_by_name(folders, tmp_path, caplog):
     by_name = {row["name"]: np.asarray(row["label"]) for row in decoded}
     for label, name in zip(labels, names):
         assert (by_name[name] == expected[label]).all()
+
+
+def test_readme_class_table_and_command(folders, tmp_path):
+    """The README's "Your own datasets" table loads as it is, and its training command parses with it."""
+    import re
+    import shlex
+
+    from cpsl_hf.data.class_table import load_class_table
+
+    readme = (REPOSITORY / "README.md").read_text()
+    section = readme.split("### Your own datasets", 1)[1].split("\n### ", 1)[0]
+    (yaml_block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    assert len(yaml_block.strip().splitlines()) <= 10
+    table_file = tmp_path / "classes.yaml"
+    table_file.write_text(yaml_block)
+    table = load_class_table(table_file)
+    assert table.names == ("impervious", "building", "low vegetation", "tree", "car", "clutter")
+    assert table.lookup_table()[[0, 1, 6, 7, 8]].tolist() == [255, 0, 5, 5, 255]
+    (bash_block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    command = shlex.split(re.sub(r"\[[^\]]*\]", " ", bash_block.replace("\\\n", " ")))
+    assert command[:3] == ["accelerate", "launch", "scripts/train.py"]
+    places = {"/data/potsdam": str(folders / "source"), "/data/vaihingen": str(folders / "target")}
+    places["classes.yaml"] = str(table_file)
+    args = parse_args([places.get(word, word) for word in command[3:]] + ["--crop_size", "32", "32"])
+    assert args.data.num_classes == 6 and args.data.source == args.data.target == "folder"
