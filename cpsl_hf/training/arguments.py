@@ -199,7 +199,9 @@ class DataArguments:
     def validate(self) -> None:
         """Choices, the label protocol, both datasets (name, folder, classes) and the image and crop sizes."""
         _check_choices(self)
-        classes = resolve_classes(self)  # fills num_classes from --class_table, checks both tables
+        classes = resolve_classes(
+            self, report=True
+        )  # fills num_classes from --class_table, checks both tables
         self.num_classes = classes.table.num_classes
         _check_dataset("source", self.source, self.source_dir, self.num_classes, self.class_table)
         _check_dataset("target", self.target, self.target_dir, self.num_classes, self.class_table)
@@ -858,13 +860,15 @@ class RunClasses:
     mapping: Any = None
 
 
-def resolve_classes(data: DataArguments) -> RunClasses:
+def resolve_classes(data: DataArguments, report: bool = False) -> RunClasses:
     """Load and check ``--class_table`` / ``--target_class_table`` against ``--num_classes`` and the datasets.
 
     Raises:
         ConfigurationError: a table that cannot be read or breaks a rule (file, key, reason), an explicit
             ``--num_classes`` that disagrees with the table, a ``folder`` dataset without a table, a target table
             for a dataset that is not a folder, or source / target tables with no common class.
+
+    ``report``: log the classes found on one side only (validation does, once per run).
     """
     from cpsl_hf.data.class_table import ClassTableError, load_class_table, map_class_tables, protocol_table
 
@@ -908,7 +912,7 @@ def resolve_classes(data: DataArguments) -> RunClasses:
         mapping = map_class_tables(table, target_table)
     except ClassTableError as error:
         raise ConfigurationError(f"--target_class_table {error}") from None
-    if mapping.source_only or mapping.target_only:
+    if report and (mapping.source_only or mapping.target_only):
         logger.warning("classes of --class_table and --target_class_table: %s", mapping.summary())
     return RunClasses(table, target_table, None if mapping.is_identity else mapping)
 

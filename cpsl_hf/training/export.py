@@ -173,14 +173,23 @@ def write_card(trainer: Trainer, metrics: dict[str, Any], info: dict[str, Any]) 
 
     args = trainer.args
     data, training = args.data, args.training
-    source, target = (_display_name(name) for name in (data.source, data.target))
+    source, target = (
+        _display_name(getattr(data, flag), getattr(data, f"{flag}_dir")) for flag in ("source", "target")
+    )
     backbone = info["backbone"]
     card_info = {
         "model_name": trainer.output_dir.name,
         "source_dataset": "synthetic source" if data.source == "synthetic" else source,
         "target_dataset": "synthetic target" if data.target == "synthetic" else target,
         "eval_split": data.target_val_split,
-        "datasets": list(dict.fromkeys([data.source, data.target])),
+        "datasets": list(
+            dict.fromkeys(
+                Path(getattr(data, f"{flag}_dir")).name
+                if getattr(data, flag) == "folder"
+                else getattr(data, flag)
+                for flag in ("source", "target")
+            )
+        ),
         "base_model": None if backbone in PRESETS else backbone,
         "config": training.config or "defaults (configs/synthetic_demo.yaml)",
         "architecture": f"{backbone} ({trainer.student.config.decode_head} head, D={trainer.embedding_dim})",
@@ -260,6 +269,9 @@ def summary_table(trainer: Trainer) -> str:
     return "\n".join(lines)
 
 
-def _display_name(name: str) -> str:
-    """GTA5, SYNTHIA, Cityscapes, synthetic; a prepared folder or Hub id as it is."""
+def _display_name(name: str, directory: str | None = None) -> str:
+    """GTA5, SYNTHIA, Cityscapes, synthetic; your own folder by its folder name (``potsdam (folder)``); a prepared
+    folder or Hub id as it is."""
+    if name == "folder" and directory is not None:
+        return f"{Path(directory).name} (folder)"
     return dataset_spec(name).display_name if name in DATASETS else name

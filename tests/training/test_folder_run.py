@@ -78,6 +78,7 @@ def test_seven_coarse_classes_train_evaluate_and_export(folders, tmp_path):
     card = (output / "README.md").read_text()
     for name in COARSE:
         assert f"| {name} |" in card
+    assert "source (folder) to target (folder)" in card  # the folders by name
     # the strips are drawn in the table's palette: the ground-truth and prediction panels (below the caption
     # bar, after the 64-pixel image panel and 4-pixel gaps) hold only table colours (black: ignored)
     strip = np.asarray(Image.open(sorted((output / "predictions").glob("*.png"))[0]).convert("RGB"))
