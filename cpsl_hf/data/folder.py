@@ -506,3 +506,87 @@ def _log(report: DataReport) -> None:
         logger.warning(report.summary())
     else:
         logger.info(report.summary())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparing a folder as parquet shards (scripts/prepare_dataset.py folder)
+
+
+def prepare_folder(
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    class_table: ClassTable | str | os.PathLike,
+    num_shards: int | None = None,
+    split: str | None = None,
+    on_bad_sample: Literal["raise", "skip"] = "raise",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    progress: bool = True,
+):
+    """:func:`cpsl_hf.data.prepare.prepare_dataset` for your own folder: decode one split through the class
+    table (:func:`load_folder`) and write it as parquet shards (original image bytes, train-id PNG labels) with
+    a dataset card whose class list is the table's. ``split``: the folder's split read and the output split's
+    name (default "train"). Returns a :class:`~cpsl_hf.data.prepare.PrepareResult`."""
+    from cpsl_hf.utils import UsageError
+
+    from . import prepare
+
+    if num_shards is not None and not prepare._is_power_of_two(num_shards):
+        raise UsageError(f"--num_shards {num_shards}: must be a power of two (1, 2, 4, ...)")
+    if push_to_hub:
+        token = prepare.check_hub_access(token)
+    table = _as_table(class_table)
+    split = split or "train"
+    dataset, report = load_folder(
+        data_dir, table, split, on_bad_sample=on_bad_sample, return_report=True, progress=progress
+    )
+    import datasets
+
+    raw = dataset.cast_column("label", datasets.Image(decode=False)).cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    image_paths = raw["image"]
+    total_bytes = sum(os.path.getsize(image["path"]) for image in image_paths)
+    if num_shards is None:
+        num_shards = prepare.choose_num_shards(len(raw), total_bytes)
+    elif num_shards > len(raw):
+        raise UsageError(f"--num_shards {num_shards}: more than the {len(raw)} samples to write")
+    output_dir = Path(output_dir)
+    data_out = output_dir / "data"
+    data_out.mkdir(parents=True, exist_ok=True)
+    for stale in data_out.glob(f"{split}-*.parquet"):
+        stale.unlink()
+    schema = dataset_features().arrow_schema
+
+    def rows(start: int, stop: int):
+        for row in raw.select(range(start, stop)):
+            yield {
+                "image": {
+                    "bytes": Path(row["image"]["path"]).read_bytes(),
+                    "path": Path(row["image"]["path"]).name,
+                },
+                "label": row["label"],
+                "name": row["name"],
+            }
+
+    bounds = np.linspace(0, len(raw), num_shards + 1).round().astype(int)
+    shard_files = []
+    for shard in range(num_shards):
+        path = data_out / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
+        prepare._write_shard(path, rows(int(bounds[shard]), int(bounds[shard + 1])), schema)
+        shard_files.append(path)
+    report.split = split
+    info = prepare._update_info(output_dir, split, report, num_shards, "folder")
+    if info.get("class_names") not in (None, list(table.names)):
+        raise ValueError(
+            f"{output_dir} already holds a folder dataset with the classes {info['class_names']}; use another "
+            f"output_dir for the classes of {table.source}"
+        )
+    info["class_names"] = list(table.names)
+    (output_dir / prepare.INFO_FILE).write_text(json.dumps(info, indent=1))
+    (output_dir / "README.md").write_text(prepare.render_card(info))
+    result = prepare.PrepareResult(report, output_dir, split, shard_files)
+    if push_to_hub:
+        result.url = prepare.push_prepared(output_dir, push_to_hub, private=private, token=token)
+    return result

@@ -348,7 +348,7 @@ def load_dataset(
         _check_protocol_names(spec, num_classes, class_table)
     if num_classes is None:
         num_classes = spec.default_num_classes
-    elif num_classes not in spec.num_classes:
+    elif spec.loader != "prepared" and num_classes not in spec.num_classes:
         provided = " or ".join(str(n) for n in spec.num_classes)
         raise ValueError(f"{spec.name} provides {provided} classes, got num_classes={num_classes}")
     if spec.loader == "synthetic":

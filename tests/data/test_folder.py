@@ -220,3 +220,31 @@ def test_registry_folder_needs_a_table_and_checks_num_classes(tmp_path):
         load_dataset("folder", tmp_path, "train", num_classes=19, class_table=table_file)
     with pytest.raises(ValueError, match="use dataset 'folder' for a dataset of your own classes"):
         load_dataset("synthetic", None, "train", class_table=table_file)
+
+
+def test_prepare_folder_writes_shards_with_the_table_classes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from cpsl_hf.data.readers import load_prepared
+
+    rng = np.random.default_rng(9)
+    maps = {f"p{i}": random_values(rng, (4, 6)) for i in range(3)}
+    for stem, values in maps.items():
+        write_pair(tmp_path / "data" / "train", stem, values, rng=rng)
+    TABLE.save(tmp_path / "table.yaml")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "prepare_dataset.py"
+    spec = importlib.util.spec_from_file_location("prepare_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["folder", "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]
+    assert module.main([*argv, "--class_table", str(tmp_path / "table.yaml"), "--num_shards", "2"]) == 0
+    assert len(list((tmp_path / "out" / "data").glob("train-*-of-00002.parquet"))) == 2
+    prepared = {row["name"]: np.asarray(row["label"]) for row in load_prepared(tmp_path / "out", "train")}
+    assert set(prepared) == set(maps)
+    for stem, values in maps.items():
+        assert (prepared[stem] == expected_train_ids(values)).all()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| 0 | flat |" in card and "| 1 | vehicle |" in card and "| 2 | sky |" in card
+    with pytest.raises(ValueError, match="folder needs --class_table FILE"):
+        module.main(argv)

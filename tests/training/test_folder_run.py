@@ -172,3 +172,22 @@ def test_readme_class_table_and_command(folders, tmp_path):
     places["classes.yaml"] = str(table_file)
     args = parse_args([places.get(word, word) for word in command[3:]] + ["--crop_size", "32", "32"])
     assert args.data.num_classes == 6 and args.data.source == args.data.target == "folder"
+
+
+def test_prepared_folder_trains_with_its_class_table(folders, tmp_path):
+    """A folder prepared once as parquet (scripts/prepare_dataset.py folder) is a target like any prepared one."""
+    from cpsl_hf.data.prepare import prepare_dataset
+    from cpsl_hf.training.building import load_domain_dataset
+
+    table = str(folders / "classes.yaml")
+    for split in ("train", "val"):
+        prepare_dataset("folder", folders / "target", tmp_path / "prepared", split=split, class_table=table)
+    argv = folder_argv(folders, tmp_path / "run", tmp_path / "cache", "--target", str(tmp_path / "prepared"))
+    args = parse_args(argv)
+    assert args.data.num_classes == 7
+    prepared = {row["name"]: np.asarray(row["label"]) for row in load_domain_dataset(args, "target", "val")}
+    _, labels, names = generate_synthetic("target", "validation", 4, (32, 64), 0)
+    category_id = np.array([COARSE.index(CATEGORY_OF[name]) for name in protocols.class_names(19)], np.uint8)
+    assert set(prepared) == set(names)
+    for label, name in zip(labels, names):
+        assert (prepared[name] == category_id[label]).all()
