@@ -232,9 +232,20 @@ class FolderDecoder:
     table: ClassTable
     mapping: ClassMapping | None = None
     label_format: LabelFormat = "auto"
+    unlabelled: bool = False  # a split without masks (a benchmark's test split): labels are all 255
 
     def check(self, pair: SamplePair) -> BadSample | None:
         """Cheap checks (no pixel decoding): files present, complete, readable, same size, mask mode usable."""
+        if self.unlabelled:
+            try:
+                _verify_png(pair.image_path)
+                with Image.open(pair.image_path):
+                    pass
+            except Exception as error:
+                return BadSample(
+                    pair.name, pair.image_path, f"unreadable image ({type(error).__name__}: {error})"
+                )
+            return None
         if pair.label_path is None:
             return BadSample(pair.name, _expected_mask(pair), "missing mask")
         sizes, modes = {}, {}
@@ -294,6 +305,12 @@ class FolderDecoder:
         bad = self.check(pair)
         if bad is not None:
             return _Decoded(pair.name, pair.image_path, bad=bad)
+        if self.unlabelled:
+            with Image.open(pair.image_path) as image:
+                width, height = image.size
+            train_ids = np.full((height, width), IGNORE_INDEX, dtype=np.uint8)
+            counts = np.bincount(train_ids.ravel(), minlength=256)
+            return _Decoded(pair.name, pair.image_path, encode_label_png(train_ids), None, {}, counts)
         try:
             train_ids, unknown = self.decode_mask(pair.label_path)
         except Exception as error:
@@ -304,7 +321,12 @@ class FolderDecoder:
 
     def fingerprint(self) -> str:
         mapping = None if self.mapping is None else self.mapping.target_to_source.tolist()
-        description = {"table": self.table.to_dict(), "mapping": mapping, "format": self.label_format}
+        description = {
+            "table": self.table.to_dict(),
+            "mapping": mapping,
+            "format": self.label_format,
+            "unlabelled": self.unlabelled,
+        }
         return json.dumps(description, sort_keys=True)
 
 
@@ -367,7 +389,6 @@ def load_folder(
         cache_dir: where decoded masks are cached (default ``$HF_DATASETS_CACHE/cpsl_hf``).
         progress: show a progress bar.
     """
-    import datasets
 
     if on_bad_sample not in ("raise", "skip"):
         raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected 'raise' or 'skip'")
@@ -377,17 +398,53 @@ def load_folder(
     if mapping is not None and mapping.target is not table:
         raise ValueError("load_folder: mapping.target must be the class_table the folder is decoded with")
     decoder = FolderDecoder(table, mapping, label_format)
-    out_classes = mapping.source.num_classes if mapping is not None else table.num_classes
     pairs, orphans = scan_folder(
         data_dir, split, image_pattern=image_pattern, mask_pattern=mask_pattern, list_file=list_file
     )
-    report = DataReport("folder", str(data_dir), split, out_classes, num_found=len(pairs))
-    report.label_format = label_format
+    return load_pairs(
+        "folder",
+        data_dir,
+        split,
+        pairs,
+        orphans,
+        decoder,
+        streaming,
+        on_bad_sample,
+        return_report,
+        cache_dir,
+        progress,
+    )
+
+
+def load_pairs(
+    dataset_name: str,
+    data_dir,
+    split: str | None,
+    pairs: Sequence[SamplePair],
+    orphans: Sequence[BadSample],
+    decoder: FolderDecoder,
+    streaming: bool = False,
+    on_bad_sample: str = "raise",
+    return_report: bool = False,
+    cache_dir=None,
+    progress: bool = True,
+):
+    """Check, decode (through ``decoder``) and cache scanned pairs: the engine of :func:`load_folder` and of the
+    benchmark readers (:mod:`cpsl_hf.data.benchmarks`). Returns the dataset (and the report)."""
+    import datasets
+
+    if on_bad_sample not in ("raise", "skip"):
+        raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected 'raise' or 'skip'")
+    table, mapping = decoder.table, decoder.mapping
+    out_classes = mapping.source.num_classes if mapping is not None else table.num_classes
+    report = DataReport(dataset_name, str(data_dir), split, out_classes, num_found=len(pairs))
+    report.label_format = decoder.label_format
+    orphans = list(orphans)
 
     if streaming:
         bad = orphans + [result for result in map(decoder.check, pairs) if result is not None]
         if bad and on_bad_sample == "raise":
-            raise BadSampleError("folder", bad)
+            raise BadSampleError(dataset_name, bad)
         bad_names = {sample.name for sample in bad}
         kept = [pair for pair in pairs if pair.name not in bad_names]
         report.skipped, report.num_kept = bad, len(kept)
@@ -395,15 +452,20 @@ def load_folder(
         dataset = datasets.IterableDataset.from_generator(
             _generate_streaming,
             features=dataset_features(),
-            gen_kwargs={"pairs": kept, "decoder": decoder, "on_bad_sample": on_bad_sample},
+            gen_kwargs={
+                "pairs": kept,
+                "decoder": decoder,
+                "on_bad_sample": on_bad_sample,
+                "dataset_name": dataset_name,
+            },
         )
         return (dataset, report) if return_report else dataset
 
     cache_root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     key = _fingerprint(decoder, split, on_bad_sample, pairs, orphans)
-    target = cache_root / f"folder-{split or 'all'}-{out_classes}-{key}"
+    target = cache_root / f"{dataset_name}-{split or 'all'}-{out_classes}-{key}"
     if not (target / "report.json").is_file():
-        _build_cache(decoder, pairs, orphans, on_bad_sample, report, target, progress)
+        _build_cache(decoder, pairs, orphans, on_bad_sample, report, target, progress, dataset_name)
     report = DataReport.from_dict(json.loads((target / "report.json").read_text()))
     report.data_dir = str(data_dir)
     _log(report)
@@ -431,13 +493,15 @@ def _fingerprint(decoder: FolderDecoder, split, on_bad_sample, pairs, orphans) -
     return digest.hexdigest()[:20]
 
 
-def _build_cache(decoder: FolderDecoder, pairs, orphans, on_bad_sample, report, target, progress) -> None:
+def _build_cache(
+    decoder: FolderDecoder, pairs, orphans, on_bad_sample, report, target, progress, dataset_name="folder"
+) -> None:
     import pyarrow as pa
 
     if on_bad_sample == "raise":  # fail fast with the full list from the cheap checks
         bad = orphans + [result for result in map(decoder.check, pairs) if result is not None]
         if bad:
-            raise BadSampleError("folder", bad)
+            raise BadSampleError(dataset_name, bad)
     schema = dataset_features().arrow_schema
     colors = decoder.label_format == "colors" or None
     bad: list[BadSample] = list(orphans)
@@ -471,7 +535,7 @@ def _build_cache(decoder: FolderDecoder, pairs, orphans, on_bad_sample, report, 
             if rows:
                 writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
         if (bad and on_bad_sample == "raise") or kept == 0:
-            raise BadSampleError("folder", bad)
+            raise BadSampleError(dataset_name, bad)
         report.skipped, report.num_kept = bad, kept
         report.out_of_table_pixels = unknown_total
         report.out_of_table_samples = len(unknown_by_file)
@@ -486,12 +550,14 @@ def _is_color_mask(path: str) -> bool:
         return mask.mode in _COLOR_MODES
 
 
-def _generate_streaming(pairs, decoder: FolderDecoder, on_bad_sample) -> Iterator[dict]:
+def _generate_streaming(
+    pairs, decoder: FolderDecoder, on_bad_sample, dataset_name="folder"
+) -> Iterator[dict]:
     for pair in pairs:
         decoded = decoder.convert(pair)
         if decoded.bad is not None:
             if on_bad_sample == "raise":
-                raise BadSampleError("folder", [decoded.bad])
+                raise BadSampleError(dataset_name, [decoded.bad])
             logger.warning("skipping %s", decoded.bad)
             continue
         if decoded.unknown:

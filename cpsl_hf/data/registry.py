@@ -11,6 +11,9 @@ read from :data:`DATASET_SPECS`:
 - ``gta5``: the GTA5 download (``data_dir``); 19, 16 or 13 classes; no official split: the whole folder.
 - ``synthia``: the SYNTHIA-RAND-CITYSCAPES download; 16 or 13 classes; no official split: the whole folder.
 - ``cityscapes``: the Cityscapes download; 19, 16 or 13 classes; splits train, val, test.
+- ``acdc``, ``dark_zurich``, ``bdd100k``, ``mapillary``: the target benchmarks' downloads
+  (:mod:`cpsl_hf.data.benchmarks`); 19, 16 or 13 classes; their official splits (test splits, and Dark
+  Zurich's train, have no ground truth: labels all 255).
 - ``folder``: your own folder of images and masks (``data_dir``), decoded through a class table
   (``class_table``, required; :mod:`cpsl_hf.data.class_table`); the classes are the table's; splits are the
   folder's ``{split}/`` subfolders, a folder without them is read whole.
@@ -84,7 +87,7 @@ class DatasetSpec:
     name: str
     display_name: str
     long_name: str
-    loader: Literal["synthetic", "download", "folder", "prepared"]
+    loader: Literal["synthetic", "download", "benchmark", "folder", "prepared"]
     reader: str
     splits: tuple[str, ...]
     official_split: bool
@@ -183,6 +186,67 @@ _SPECS = (
         layout=(
             "Cityscapes: DATA_DIR/leftImg8bit/{split}/{city}/*_leftImg8bit.png and "
             "DATA_DIR/gtFine/{split}/{city}/*_gtFine_labelIds.png"
+        ),
+    ),
+    DatasetSpec(
+        name="acdc",
+        display_name="ACDC",
+        long_name="ACDC (Adverse Conditions Dataset with Correspondences)",
+        loader="benchmark",
+        reader="benchmarks.load_acdc",
+        splits=("train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout=(
+            "ACDC: DATA_DIR/rgb_anon/{condition}/{split}/{sequence}/*_rgb_anon.png and "
+            "DATA_DIR/gt/{condition}/{split}/{sequence}/*_gt_labelIds.png (conditions fog, night, rain, snow)"
+        ),
+    ),
+    DatasetSpec(
+        name="dark_zurich",
+        display_name="Dark Zurich",
+        long_name="Dark Zurich",
+        loader="benchmark",
+        reader="benchmarks.load_dark_zurich",
+        splits=("train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout=(
+            "Dark Zurich: DATA_DIR/rgb_anon/{split}/{time}/{sequence}/*_rgb_anon.png and "
+            "DATA_DIR/gt/val/night/{sequence}/*_gt_labelIds.png"
+        ),
+    ),
+    DatasetSpec(
+        name="bdd100k",
+        display_name="BDD100K",
+        long_name="BDD100K semantic segmentation",
+        loader="benchmark",
+        reader="benchmarks.load_bdd100k",
+        splits=("train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout="BDD100K: DATA_DIR/images/10k/{split}/*.jpg and DATA_DIR/labels/sem_seg/masks/{split}/*.png",
+    ),
+    DatasetSpec(
+        name="mapillary",
+        display_name="Mapillary Vistas",
+        long_name="Mapillary Vistas (v1.2 labels mapped to the Cityscapes classes)",
+        loader="benchmark",
+        reader="benchmarks.load_mapillary",
+        splits=("training", "validation", "testing", "train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout=(
+            "Mapillary Vistas: DATA_DIR/{training,validation,testing}/images/*.jpg, "
+            "DATA_DIR/{split}/v1.2/labels/*.png and DATA_DIR/config_v1.2.json"
         ),
     ),
     DatasetSpec(
