@@ -59,6 +59,9 @@ def test_every_shipped_recipe_parses(name, tmp_path):
             *(["--class_table", str(CLASS_TABLE)] if name.startswith("folder") else []),
         ]
     )
+    if name.startswith("cityscapes_"):  # Cityscapes -> ACDC / Dark Zurich: the benchmark readers
+        assert args.data.source == "cityscapes" and args.data.num_classes == 19
+        assert args.data.target == {"acdc": "acdc", "darkzurich": "dark_zurich"}[name.split("_")[1]]
     if name.startswith("folder"):  # the classes come from the table
         assert args.data.num_classes == 2 and args.data.class_table == str(CLASS_TABLE)
     if "synthia" in name:
