@@ -191,3 +191,27 @@ def test_prepared_folder_trains_with_its_class_table(folders, tmp_path):
     assert set(prepared) == set(names)
     for label, name in zip(labels, names):
         assert (prepared[name] == category_id[label]).all()
+
+
+def test_unlabelled_target_train_split_adapts(tmp_path):
+    """Dark Zurich's target train split has no ground truth (labels all ignored): the run adapts on it and
+    scores its labelled val split."""
+    root = tmp_path / "dark_zurich"
+    images, labels, names = generate_synthetic("target", "validation", 6, (32, 64), 1)
+    to_label_id = protocols.train_id_to_label_id(19)
+    for index, (image, label, name) in enumerate(zip(images, labels, names)):
+        split = "train" if index < 4 else "val"
+        folder = root / "rgb_anon" / split / "night" / "GOPR0001"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{name}_rgb_anon.png")
+        if split == "val":
+            gt = root / "gt" / "val" / "night" / "GOPR0001"
+            gt.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_label_id[label]).save(gt / f"{name}_gt_labelIds.png")
+    argv = tiny_argv(
+        tmp_path / "run", tmp_path / "cache", "--target", "dark_zurich", "--target_dir", str(root)
+    )
+    trainer = run(argv)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final"]["num_images"] == 2 and trainer.step == 4
+    assert 0.0 <= metrics["final"]["mean_iou"] <= 1.0
