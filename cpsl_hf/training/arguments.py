@@ -834,13 +834,19 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
 
 
 def default_output_dir(args: RunArguments) -> str:
-    """``outputs/<source>_to_<target>_<backbone>`` with path separators made safe."""
+    """``outputs/<source>_to_<target>_<backbone>`` with path separators made safe (a ``folder`` dataset is named
+    by its folder)."""
 
     def slug(text: str) -> str:
         return re.sub(r"[^\w.-]+", "-", Path(text).name if os.path.isdir(text) else text).strip("-")
 
+    def name(flag: str) -> str:  # your own folder by its folder name
+        directory = getattr(args.data, f"{flag}_dir")
+        dataset = getattr(args.data, flag)
+        return slug(Path(directory).name) if dataset == "folder" and directory else slug(dataset)
+
     backbone = args.model.model_name_or_path or args.model.backbone
-    return os.path.join("outputs", f"{slug(args.data.source)}_to_{slug(args.data.target)}_{slug(backbone)}")
+    return os.path.join("outputs", f"{name('source')}_to_{name('target')}_{slug(backbone)}")
 
 
 def dataset_kind(name: str) -> str:

@@ -172,6 +172,9 @@ def test_readme_class_table_and_command(folders, tmp_path):
     places["classes.yaml"] = str(table_file)
     args = parse_args([places.get(word, word) for word in command[3:]] + ["--crop_size", "32", "32"])
     assert args.data.num_classes == 6 and args.data.source == args.data.target == "folder"
+    assert args.training.output_dir == str(
+        Path("outputs") / "source_to_target_segformer-tiny"
+    )  # folder names
 
 
 def test_prepared_folder_trains_with_its_class_table(folders, tmp_path):
