@@ -562,6 +562,7 @@ def load_eval_dataset(
     progress: bool = True,
     class_table=None,
     class_mapping=None,
+    reader_options: dict | None = None,
 ):
     """The evaluation split of a named dataset, as a ``datasets`` dataset with image / label / name, read by
     :func:`cpsl_hf.data.registry.load_dataset` (``cache_dir``: the download readers' label cache).
@@ -588,6 +589,7 @@ def load_eval_dataset(
         label_cache_dir=cache_dir,
         progress=progress,
         domain="target",  # the synthetic shift's target domain
+        reader_options=reader_options,
         **({"class_table": class_table, "class_mapping": class_mapping} if dataset == "folder" else {}),
     )
 
@@ -610,6 +612,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     class_table: str | os.PathLike | None = None,
     target_class_table: str | os.PathLike | None = None,
+    reader_options: dict | None = None,
 ) -> dict:
     """Evaluate a checkpoint (folder or Hub id) on a dataset split; the engine of ``scripts/evaluate.py``.
 
@@ -629,6 +632,7 @@ def evaluate_checkpoint(
             dataset is decoded through it.
         target_class_table: the ``folder`` dataset's own table, when it differs: matched to ``class_table``
             (or the protocol) by name; classes on one side only are reported.
+        reader_options: options of a target benchmark's reader (``{"conditions": ["night"]}`` for ACDC).
         Others: see :func:`load_eval_dataset`, :func:`evaluate_model`.
 
     Returns:
@@ -663,6 +667,7 @@ def evaluate_checkpoint(
             progress=progress and accelerator.is_main_process,
             class_table=data_table,
             class_mapping=mapping,
+            reader_options=reader_options,
         )
     segmenter = load_model(model, device=accelerator.device, trust_remote_code=trust_remote_code)
     if max_samples is not None:

@@ -52,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="the folder dataset's own class table, matched to the model's classes by name",
     )
+    parser.add_argument(
+        "--acdc_conditions",
+        nargs="+",
+        default=None,
+        help="acdc: the conditions scored (fog night rain snow; default all four)",
+    )
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
@@ -106,6 +112,7 @@ def main(argv=None) -> dict:
         progress=not args.no_progress,
         class_table=args.class_table,
         target_class_table=args.target_class_table,
+        reader_options={"conditions": args.acdc_conditions} if args.acdc_conditions else None,
     )
 
 

@@ -351,6 +351,7 @@ def load_dataset(
     progress: bool = True,
     class_table=None,
     class_mapping=None,
+    reader_options: dict | None = None,
     **synthetic_options,
 ):
     """Load a dataset by name: a ``datasets.Dataset`` (or ``IterableDataset``) with columns ``image`` (RGB),
@@ -375,6 +376,8 @@ def load_dataset(
         class_table: for ``folder`` (required): a :class:`~cpsl_hf.data.class_table.ClassTable` or the path
             of its file; ``num_classes``, when given, must equal its number of classes. Other datasets: their
             protocol's names must equal the table's (they are read as their protocol).
+        reader_options: for the target benchmarks, keyword options of their reader (``conditions`` of ACDC,
+            ``times`` of Dark Zurich, ``version`` of Mapillary); other datasets ignore them.
         class_mapping: for ``folder``: a :class:`~cpsl_hf.data.class_table.ClassMapping` whose ``target`` is
             ``class_table``; the labels are expressed in its source's classes.
         **synthetic_options: options of the synthetic shift (:data:`SYNTHETIC_OPTIONS`: ``domain`` "source"
@@ -434,6 +437,8 @@ def load_dataset(
     }
     if spec.official_split:
         options["split"] = split
+    if spec.loader == "benchmark" and reader_options:
+        options.update(reader_options)
     return spec.reader_function()(data_dir, **options)
 
 

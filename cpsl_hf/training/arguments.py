@@ -195,6 +195,20 @@ class DataArguments:
     synthetic_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache folder of the generated synthetic datasets."}
     )
+    acdc_conditions: list[str] | None = field(
+        default=None,
+        metadata={
+            "nargs": "+",
+            "help": "ACDC: the conditions read (fog night rain snow; default every one found), e.g. night alone.",
+        },
+    )
+    dark_zurich_times: list[str] = field(
+        default_factory=lambda: ["night"],
+        metadata={
+            "nargs": "+",
+            "help": "Dark Zurich train split: the times of day read (day twilight night).",
+        },
+    )
 
     def validate(self) -> None:
         """Choices, the label protocol, both datasets (name, folder, classes) and the image and crop sizes."""
@@ -203,9 +217,31 @@ class DataArguments:
             self, report=True
         )  # fills num_classes from --class_table, checks both tables
         self.num_classes = classes.table.num_classes
+        self._check_benchmark_options()
         _check_dataset("source", self.source, self.source_dir, self.num_classes, self.class_table)
         _check_dataset("target", self.target, self.target_dir, self.num_classes, self.class_table)
         self._check_sizes()
+
+    def _check_benchmark_options(self) -> None:
+        from cpsl_hf.data.benchmarks import ACDC_CONDITIONS, DARK_ZURICH_TIMES
+
+        for flag, values, allowed in (
+            ("acdc_conditions", self.acdc_conditions or [], ACDC_CONDITIONS),
+            ("dark_zurich_times", self.dark_zurich_times, DARK_ZURICH_TIMES),
+        ):
+            unknown = [value for value in values if value not in allowed]
+            if unknown:
+                raise ConfigurationError(
+                    f"--{flag} {' '.join(unknown)}: expected some of {', '.join(allowed)}"
+                )
+
+    def reader_options(self, name: str) -> dict:
+        """Keyword options of the reader of dataset ``name`` (ACDC's conditions, Dark Zurich's times)."""
+        if name == "acdc" and self.acdc_conditions:
+            return {"conditions": list(self.acdc_conditions)}
+        if name == "dark_zurich":
+            return {"times": tuple(self.dark_zurich_times)}
+        return {}
 
     def _check_sizes(self) -> None:
         """Sizes are two positive numbers, the scale range is ordered, crops fit the resized and synthetic images."""

@@ -47,6 +47,7 @@ def load_domain_dataset(args: RunArguments, domain: str, split: str):
         seed=data.synthetic_seed,
         cache_dir=data.synthetic_cache_dir,
         variant=data.synthetic_variant,
+        reader_options=data.reader_options(name),
         **tables,
     )
 

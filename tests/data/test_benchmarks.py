@@ -199,3 +199,40 @@ def test_registry_and_trainer_accept_the_benchmarks(acdc, tmp_path):
     assert through.keys() == direct.keys() and all((through[k] == direct[k]).all() for k in direct)
     args = parse_args(["--source", "synthetic", "--target", "acdc", "--target_dir", str(root)])
     assert args.data.target == "acdc" and args.data.num_classes == 19
+    from cpsl_hf.training.building import load_domain_dataset
+
+    argv = ["--target", "acdc", "--target_dir", str(root), "--acdc_conditions", "night"]
+    night = rows(load_domain_dataset(parse_args(argv), "target", "val"))
+    assert set(night) == {stem for stem in direct if stem.startswith("GOPR04") and stem[7] == "n"}
+    assert set(direct) - set(night)  # the fog images are left out
+    with pytest.raises(ValueError, match="--acdc_conditions hail: expected some of fog, night, rain, snow"):
+        parse_args([*argv[:-1], "hail"])
+
+
+def test_evaluate_script_on_acdc_conditions(acdc, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from cpsl_hf import CPSLConfig, CPSLForSemanticSegmentation
+
+    root, _ = acdc
+    torch.manual_seed(0)
+    config = CPSLConfig.from_preset(
+        "segformer-tiny",
+        num_labels=19,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 32, 64],
+        decoder_hidden_size=32,
+    )
+    CPSLForSemanticSegmentation(config).save_pretrained(tmp_path / "model")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--model", str(tmp_path / "model"), "--dataset", "acdc", "--data_dir", str(root), "--no_progress"]
+    argv += ["--cache_dir", str(tmp_path / "c"), "--image_size", "64,64"]  # the fixture images are 6 x 8
+    assert module.main(argv)["num_images"] == 4  # val of fog and night
+    night = module.main([*argv, "--acdc_conditions", "night"])
+    assert night["num_images"] == 2 and night["dataset"] == "acdc" and night["class_names"] == NAMES_19
