@@ -193,6 +193,13 @@ def scan_folder(
         root = data_dir / split
     elif (data_dir / "images").is_dir():
         root = data_dir
+        if split not in (None, "train"):  # e.g. the target's "val": the same images it adapts on
+            logger.warning(
+                "%s has no %s/ split folder: split %r reads the whole folder (images/ + masks/)",
+                data_dir,
+                split,
+                split,
+            )
     else:
         splits = _found_splits(data_dir)
         wanted = f"{split}/images/ (or images/)" if split is not None else "images/"

@@ -89,6 +89,13 @@ def test_split_layout_and_folder_without_splits(tmp_path):
         assert list(rows(load_folder(flat, TABLE, split=split, cache_dir=tmp_path / "cache"))) == ["z"]
 
 
+def test_a_missing_evaluation_split_warns(tmp_path, caplog):
+    write_pair(tmp_path, "z", random_values(np.random.default_rng(2), (4, 6)))
+    with caplog.at_level("WARNING", logger="cpsl_hf.data.folder"):
+        load_folder(tmp_path, TABLE, split="val", cache_dir=tmp_path / "cache")
+    assert "has no val/ split folder: split 'val' reads the whole folder" in caplog.text
+
+
 def test_16_bit_and_palette_masks(tmp_path):
     table = ClassTable(names=("low", "high"), values=((3,), (40000,)), void_values=(0,))
     values16 = np.array([[3, 40000, 0, 5000]], dtype=np.uint16).repeat(3, axis=0)
