@@ -402,7 +402,7 @@ def load_folder(
     if label_format not in ("auto", "values", "colors"):
         raise ValueError(f"label_format={label_format!r}; expected 'auto', 'values' or 'colors'")
     table = _as_table(class_table)
-    if mapping is not None and mapping.target is not table:
+    if mapping is not None and (mapping.target.names, mapping.target.values) != (table.names, table.values):
         raise ValueError("load_folder: mapping.target must be the class_table the folder is decoded with")
     decoder = FolderDecoder(table, mapping, label_format)
     pairs, orphans = scan_folder(

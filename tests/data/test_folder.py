@@ -201,6 +201,11 @@ def test_target_table_read_in_source_classes(tmp_path):
     assert np.asarray(dataset[0]["label"]).tolist() == [[1, 1, 255, 0, 255, 255]]
     assert report.num_classes == 3 and report.class_pixels == [1, 2, 0]
     assert report.unknown_by_file == {str(tmp_path / "masks" / "t.png"): {"9": 1}}
+    target.save(tmp_path / "target.yaml")  # the table by its file: the same table, matched by content
+    again = load_folder(tmp_path, tmp_path / "target.yaml", mapping=mapping, cache_dir=tmp_path / "c")
+    assert np.asarray(again[0]["label"]).tolist() == [[1, 1, 255, 0, 255, 255]]
+    with pytest.raises(ValueError, match="mapping.target must be the class_table"):
+        load_folder(tmp_path, TABLE, mapping=mapping)
 
 
 def test_streaming_yields_the_same_labels(tmp_path):
