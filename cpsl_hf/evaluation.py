@@ -23,6 +23,7 @@ The result dictionary uses the keys of ``evaluate``'s ``mean_iou`` (``mean_iou``
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from cpsl_hf.inference import predict_logits, unwrap_model
 from cpsl_hf.selflabel import class_argmax
 from cpsl_hf.utils import UsageError, autocast_dtype, format_percent, json_ready
 from cpsl_hf.utils import progress as progress_bar
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ConfusionMatrix",
@@ -306,7 +309,9 @@ class ConfusionMatrix:
             "num_classes": self.num_classes,
             "num_images": num_images,
         }
-        if self.num_classes == 16:
+        if self.num_classes == 16 and names == protocols.class_names(
+            16
+        ):  # the SYNTHIA protocol, not a table's
             metrics["mean_iou_13"] = _nanmean(iou[list(protocols.THIRTEEN_OF_SIXTEEN)])
         return metrics
 
@@ -449,6 +454,7 @@ def evaluate_model(
     sliding_window: tuple[int, int, int, int] | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """mIoU of ``model`` over ``loader``, reduced across processes.
 
@@ -468,6 +474,7 @@ def evaluate_model(
             same bilinear float32 values as upsampling the whole batch first, without materialising
             ``N x C x H x W``).
         progress: show a progress bar (main process only).
+        class_names: the ``C`` names of the metrics (a class table's); default the protocol's.
 
     Returns:
         :meth:`ConfusionMatrix.compute` of the matrix summed over all processes (identical on every process).
@@ -500,7 +507,7 @@ def evaluate_model(
                 confusion.update(logits, labels)
     finally:
         model.train(was_training)
-    return confusion.reduce().compute()
+    return confusion.reduce().compute(class_names)
 
 
 def _is_main_process() -> bool:
@@ -550,9 +557,12 @@ def load_eval_dataset(
     dataset: str,
     data_dir: str | os.PathLike | None,
     split: str = "val",
-    num_classes: int = 19,
+    num_classes: int | None = 19,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    class_table=None,
+    class_mapping=None,
+    reader_options: dict | None = None,
 ):
     """The evaluation split of a named dataset, as a ``datasets`` dataset with image / label / name, read by
     :func:`cpsl_hf.data.registry.load_dataset` (``cache_dir``: the download readers' label cache).
@@ -564,6 +574,8 @@ def load_eval_dataset(
       (optional).
     - ``prepared``: a dataset written by ``scripts/prepare_dataset.py``; ``data_dir`` is its folder or Hub
       dataset repo id, ``split`` its split name, streamed.
+    - ``folder``: your own images and masks (``data_dir``), decoded through ``class_table`` (and into
+      ``class_mapping``'s source classes when the dataset has a table of its own).
     """
     if dataset not in DATASETS:
         raise ValueError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
@@ -577,6 +589,8 @@ def load_eval_dataset(
         label_cache_dir=cache_dir,
         progress=progress,
         domain="target",  # the synthetic shift's target domain
+        reader_options=reader_options,
+        **({"class_table": class_table, "class_mapping": class_mapping} if dataset == "folder" else {}),
     )
 
 
@@ -585,7 +599,7 @@ def evaluate_checkpoint(
     dataset: str = "cityscapes",
     data_dir: str | os.PathLike | None = None,
     split: str = "val",
-    num_classes: int = 19,
+    num_classes: int | None = None,
     batch_size: int = 1,
     flip: bool = False,
     sliding_window: tuple[int, int, int, int] | None = None,
@@ -596,6 +610,9 @@ def evaluate_checkpoint(
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    class_table: str | os.PathLike | None = None,
+    target_class_table: str | os.PathLike | None = None,
+    reader_options: dict | None = None,
 ) -> dict:
     """Evaluate a checkpoint (folder or Hub id) on a dataset split; the engine of ``scripts/evaluate.py``.
 
@@ -609,6 +626,13 @@ def evaluate_checkpoint(
         image_size: resize images (bilinear) and labels (nearest) to ``(H, W)``; default: original sizes,
             as the benchmark requires.
         max_samples: evaluate only the first samples of the split (quick checks).
+        num_classes: the label protocol, 19, 16 or 13 (default 19); with ``class_table`` the table's (an
+            explicit different value is an error).
+        class_table: the class table of the model's classes (its names go to the metrics); a ``folder``
+            dataset is decoded through it.
+        target_class_table: the ``folder`` dataset's own table, when it differs: matched to ``class_table``
+            (or the protocol) by name; classes on one side only are reported.
+        reader_options: options of a target benchmark's reader (``{"conditions": ["night"]}`` for ACDC).
         Others: see :func:`load_eval_dataset`, :func:`evaluate_model`.
 
     Returns:
@@ -621,12 +645,16 @@ def evaluate_checkpoint(
     from cpsl_hf.inference import load_model, load_model_config
 
     dtype = autocast_dtype(mixed_precision)  # checks the value before anything is loaded
+    num_classes, class_names, data_table, mapping = resolve_eval_classes(
+        dataset, num_classes, class_table, target_class_table
+    )
     # the model's classes are checked from its config, before its weights load
     model_classes = getattr(load_model_config(model, trust_remote_code=trust_remote_code), "num_labels", None)
     if model_classes != num_classes:
         raise UsageError(
             f"--num_classes {num_classes} but the model {model} predicts {model_classes} classes; "
-            f"pass --num_classes {model_classes} (19: GTA5 protocol, 16: SYNTHIA protocol)"
+            f"pass --num_classes {model_classes} (19: GTA5 protocol, 16: SYNTHIA protocol) or the --class_table "
+            "the model was trained with"
         )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     with accelerator.main_process_first():  # the main process builds the dataset cache, the others read it
@@ -637,6 +665,9 @@ def evaluate_checkpoint(
             num_classes,
             cache_dir,
             progress=progress and accelerator.is_main_process,
+            class_table=data_table,
+            class_mapping=mapping,
+            reader_options=reader_options,
         )
     segmenter = load_model(model, device=accelerator.device, trust_remote_code=trust_remote_code)
     if max_samples is not None:
@@ -657,9 +688,12 @@ def evaluate_checkpoint(
         sliding_window=sliding_window,
         autocast_dtype=dtype,
         progress=progress,
+        class_names=class_names,
     )
     metrics.update(
-        protocol=protocol_description(num_classes),
+        protocol=protocol_description(num_classes)
+        if class_table is None
+        else f"{num_classes} classes (class table {class_table})",
         model=str(model),
         dataset=dataset,
         split=split,
@@ -679,6 +713,47 @@ def evaluate_checkpoint(
             print(f"metrics written to {output}")
     accelerator.wait_for_everyone()
     return metrics
+
+
+def resolve_eval_classes(dataset: str, num_classes: int | None, class_table, target_class_table):
+    """``(num_classes, class_names, table the dataset decodes with, mapping or None)`` of an evaluation.
+
+    Raises:
+        UsageError: a bad table (file, key, reason), ``--num_classes`` disagreeing with ``--class_table``, a
+            ``folder`` dataset without a table, a target table for another dataset, or no common class.
+    """
+    from cpsl_hf.data.class_table import ClassTableError, load_class_table, map_class_tables, protocol_table
+
+    try:
+        if class_table is not None:
+            table = load_class_table(class_table)
+            if num_classes is not None and num_classes != table.num_classes:
+                raise UsageError(
+                    f"--num_classes {num_classes} disagrees with --class_table {class_table}, which has "
+                    f"{table.num_classes} classes"
+                )
+        else:
+            num_classes = 19 if num_classes is None else num_classes
+            if num_classes not in protocols.SUPPORTED_NUM_CLASSES:
+                raise UsageError(
+                    f"--num_classes {num_classes}: supported protocols are 19, 16 and 13; for other classes "
+                    "pass --class_table FILE"
+                )
+            table = protocol_table(num_classes)
+        if target_class_table is None:
+            if dataset == "folder" and class_table is None:
+                raise UsageError("--dataset folder needs --class_table FILE (the classes of its masks)")
+            return table.num_classes, list(table.names), table, None
+        if dataset != "folder":
+            raise UsageError(
+                f"--target_class_table: only --dataset folder has a table of its own, got {dataset}"
+            )
+        mapping = map_class_tables(table, load_class_table(target_class_table))
+    except ClassTableError as error:
+        raise UsageError(str(error)) from None
+    if mapping.source_only or mapping.target_only:
+        logger.warning("classes of --class_table and --target_class_table: %s", mapping.summary())
+    return table.num_classes, list(table.names), mapping.target, None if mapping.is_identity else mapping
 
 
 def metric_module_path() -> str:

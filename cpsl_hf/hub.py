@@ -538,13 +538,16 @@ def _run_facts(training: Mapping[str, Any], exported_model: str | None) -> dict[
     from cpsl_hf.provenance import card_dataset_ids, dataset_display_name
 
     facts: dict[str, Any] = {}
+    data_arguments = (training.get("arguments") or {}).get("data") or {}
     for key, card_key in (("source", "source_dataset"), ("target", "target_dataset")):
         if training.get(key):
             name = str(training[key])
-            display = dataset_display_name(name)
+            display = dataset_display_name(name, data_arguments.get(f"{key}_dir"))
             facts[card_key] = f"{display} {key}" if name == "synthetic" else display
     if training.get("source") and training.get("target"):
-        facts["datasets"] = card_dataset_ids([training["source"], training["target"]])
+        facts["datasets"] = card_dataset_ids(
+            [(str(training[key]), data_arguments.get(f"{key}_dir")) for key in ("source", "target")]
+        )
     for key in (
         "seed", "hardware", "method", "pseudo_labels", "num_classes", "eval_split", "batch_size", "crop_size",
         "mixed_precision", "architecture",

@@ -159,15 +159,28 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
-def read_label(path: str | os.PathLike, num_classes: int, label_format: str = "labelids") -> np.ndarray:
+def read_label(
+    path: str | os.PathLike, num_classes: int, label_format: str = "labelids", class_table=None
+) -> np.ndarray:
     """Read a single-channel label PNG -> protocol train ids ``H x W`` uint8 (255 = ignore).
 
     ``label_format="labelids"``: pixel values are Cityscapes label ids (``*_gtFine_labelIds.png``; GTA5's
     palette indices are label ids too), mapped with :func:`cpsl_hf.data.protocols.label_id_lut`.
     ``"trainids"``: pixel values already are protocol train ids.
+    With ``class_table`` (a :class:`~cpsl_hf.data.class_table.ClassTable`) and ``"labelids"``: the mask is
+    decoded through the table, as the ``folder`` dataset decodes it (8/16-bit values, palette indices, or
+    colour-coded RGB through its palette).
     """
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
+    if class_table is not None and label_format == "labelids":
+        from cpsl_hf.data.class_table import ClassTableError
+        from cpsl_hf.data.folder import FolderDecoder
+
+        try:
+            return FolderDecoder(class_table).decode_mask(str(path))[0]
+        except (OSError, ValueError, ClassTableError) as error:
+            raise OSError(f"{path}: cannot read label ({type(error).__name__}: {error})") from error
     try:
         with Image.open(path) as image:
             image.load()
@@ -203,6 +216,7 @@ def predict(
     alpha: float = 0.5,
     device: str | torch.device | None = None,
     progress: bool = True,
+    class_table: str | os.PathLike | None = None,
 ) -> PredictionReport:
     """Predict every image in ``images`` (files and/or folders) and write ``formats`` under ``output_dir``.
 
@@ -217,6 +231,9 @@ def predict(
         flip, sliding_window: passed to :func:`cpsl_hf.inference.predict_logits`.
         alpha: opacity of the colour mask in ``overlay``.
         device: where to run the model (default: CUDA when available, else CPU).
+        class_table: the class table the model was trained with (YAML / JSON): its palette colours the
+            predictions, its ``label_id``s are written by ``labelids``, and ``labels`` are decoded through it.
+            Needed for a model of classes other than the 19 / 16 / 13 Cityscapes protocols.
 
     Returns:
         A :class:`PredictionReport`; unreadable images and labels are listed in ``failures``, not raised.
@@ -238,22 +255,46 @@ def predict(
     else:  # the number of classes is checked from the config, before the weights load
         config = load_model_config(model)
     model_classes = config.num_labels
+    table = None
+    if class_table is not None:
+        from cpsl_hf.data.class_table import ClassTableError, load_class_table
+
+        try:
+            table = load_class_table(class_table)
+        except ClassTableError as error:
+            raise UsageError(f"--class_table {error}") from None
+        if num_classes is not None and num_classes != table.num_classes:
+            raise UsageError(
+                f"--num_classes {num_classes} disagrees with --class_table {class_table}, which has "
+                f"{table.num_classes} classes"
+            )
+        num_classes = table.num_classes
+        if "labelids" in formats and table.label_ids is None:
+            raise UsageError(
+                f"--format labelids: --class_table {class_table} gives no classes[].label_id to write; "
+                "use --format trainids"
+            )
     if num_classes is None:
         num_classes = model_classes
     if num_classes != model_classes:
         raise UsageError(
             f"--num_classes {num_classes} does not match the model's {model_classes} output classes"
+            if table is None
+            else f"--class_table {class_table} has {num_classes} classes but the model predicts {model_classes}"
         )
-    if num_classes not in SUPPORTED_NUM_CLASSES:
+    if table is None and num_classes not in SUPPORTED_NUM_CLASSES:
         raise UsageError(
             f"--model: the model predicts {num_classes} classes; colours and label ids exist only for the "
-            f"{SUPPORTED_NUM_CLASSES}-class Cityscapes protocols"
+            f"{SUPPORTED_NUM_CLASSES}-class Cityscapes protocols: pass the model's --class_table"
         )
     if not isinstance(model, torch.nn.Module):
         model = load_model(model, device=device)
     else:
         model = model.to(device).eval()
-    to_label_ids = train_id_to_label_id(num_classes)
+    to_label_ids = train_id_to_label_id(num_classes) if table is None else None
+    if table is not None and table.label_ids is not None:
+        to_label_ids = table.train_id_to_label_id()
+    palette = None if table is None else table.palette
 
     output_dir = Path(output_dir)
     report = PredictionReport(num_images=len(inputs))
@@ -266,9 +307,9 @@ def predict(
         train_ids = predict_train_ids(model, pixel_values, flip=flip, sliding_window=sliding_window).numpy()
         report.num_predicted += 1
         if "color" in formats:
-            _save(color_mask(train_ids, num_classes), output_dir / "color" / relpath, report.written)
+            _save(color_mask(train_ids, num_classes, palette), output_dir / "color" / relpath, report.written)
         if "overlay" in formats:
-            blended = overlay(pixel_values, train_ids, num_classes, alpha=alpha)
+            blended = overlay(pixel_values, train_ids, num_classes, alpha=alpha, palette=palette)
             _save(blended, output_dir / "overlay" / relpath, report.written)
         if "labelids" in formats:
             _save(
@@ -284,10 +325,10 @@ def predict(
                 report.unlabeled.append(path)
                 continue
             try:
-                ground_truth = read_label(label_path, num_classes, label_format)
+                ground_truth = read_label(label_path, num_classes, label_format, table)
             except OSError as error:
                 report.failures.append((label_path, str(error).removeprefix(f"{label_path}: ")))
                 continue
-            strip = side_by_side(pixel_values, ground_truth, train_ids, num_classes)
+            strip = side_by_side(pixel_values, ground_truth, train_ids, num_classes, palette=palette)
             _save(strip, output_dir / STRIPS_DIRNAME / relpath, report.written)
     return report

@@ -90,9 +90,19 @@ def _prepared_kind(folder: str) -> str | None:
     return kind if isinstance(kind, str) and kind in DATASET_SPECS else None
 
 
-def dataset_display_name(name: str) -> str:
-    """How the card's text names a dataset: GTA5, SYNTHIA, Cityscapes, ``synthetic``; a Hub id as it is; a local
-    prepared folder as the official dataset it was made from (else its folder name), never its path."""
+def _named_by(name: str, directory: str | None) -> str:
+    """What the dataset argument pair designates: a ``prepared`` dataset given with ``--source_dir`` is its folder or
+    Hub id."""
+    return directory if name == "prepared" and directory else name
+
+
+def dataset_display_name(name: str, directory: str | None = None) -> str:
+    """How the card's text names a dataset: GTA5, SYNTHIA, Cityscapes, ``synthetic``; your own folder (``folder``
+    with ``directory``) as ``NAME (folder)``; a Hub id as it is; a local prepared folder as the official dataset it
+    was made from (else its folder name), never its path."""
+    if name == "folder" and directory:
+        return f"{Path(directory).name} (folder)"
+    name = _named_by(name, directory)
     kind = dataset_kind(name)
     if kind in DATASET_SPECS:
         return DATASET_SPECS[kind].display_name
@@ -102,18 +112,25 @@ def dataset_display_name(name: str) -> str:
     return name
 
 
-def card_dataset_ids(names: Iterable[str]) -> list[str]:
+#: Dataset names that are no dataset on the Hub: the built-in shift, your own folder, a bare "prepared".
+_NOT_ON_THE_HUB = ("synthetic", "folder", "prepared", "unknown")
+
+
+def card_dataset_ids(datasets: Iterable[str | tuple[str, str | None]]) -> list[str]:
     """The card metadata's ``datasets``: the official datasets by name (``gta5``, ``cityscapes``), a pushed
     prepared dataset by its Hub id, a local prepared folder by the official dataset it holds; the built-in
-    synthetic shift and folders of unknown origin are left out (they are no dataset on the Hub)."""
+    synthetic shift, your own folders and folders of unknown origin are left out (they are no dataset on the Hub).
+    Each entry is a name or a ``(name, data_dir)`` pair (``--source`` with ``--source_dir``)."""
     ids: list[str] = []
-    for name in names:
+    for entry in datasets:
+        name, directory = (entry, None) if isinstance(entry, str) else entry
+        name = _named_by(name, directory)
         kind = dataset_kind(name)
-        if kind == "synthetic" or kind == "unknown":
+        if kind in _NOT_ON_THE_HUB:
             continue
-        entry = kind if kind in DATASET_SPECS else (name if kind == "hub" else _prepared_kind(name))
-        if entry and entry not in ids:
-            ids.append(entry)
+        found = kind if kind in DATASET_SPECS else (name if kind == "hub" else _prepared_kind(name))
+        if found and found not in ids:
+            ids.append(found)
     return ids
 
 

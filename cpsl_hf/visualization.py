@@ -63,12 +63,13 @@ def _as_id_array(train_ids) -> np.ndarray:
     return array
 
 
-def color_mask(train_ids, num_classes: int = 19) -> Image.Image:
-    """Colour a train-id map ``H x W`` in the Cityscapes palette -> RGB image ``H x W``; ignore is black."""
-    return Image.fromarray(colorize(_as_id_array(train_ids), num_classes), mode="RGB")
+def color_mask(train_ids, num_classes: int = 19, palette=None) -> Image.Image:
+    """Colour a train-id map ``H x W`` in ``palette`` (``C x 3``, a class table's; default the Cityscapes
+    protocol's) -> RGB image ``H x W``; ignore is black."""
+    return Image.fromarray(colorize(_as_id_array(train_ids), num_classes, palette), mode="RGB")
 
 
-def overlay(image, train_ids, num_classes: int = 19, alpha: float = 0.5) -> Image.Image:
+def overlay(image, train_ids, num_classes: int = 19, alpha: float = 0.5, palette=None) -> Image.Image:
     """Blend the colour mask of ``train_ids`` (``H x W``) over ``image`` (same ``H x W``).
 
     ``out = (1 - alpha) * image + alpha * colour`` where the pixel has a class; ignored pixels show the image.
@@ -79,7 +80,7 @@ def overlay(image, train_ids, num_classes: int = 19, alpha: float = 0.5) -> Imag
     ids = _as_id_array(train_ids)
     if ids.shape != rgb.shape[:2]:
         raise ValueError(f"label map size {ids.shape} differs from image size {rgb.shape[:2]}")
-    colours = colorize(ids, num_classes).astype(np.float32)
+    colours = colorize(ids, num_classes, palette).astype(np.float32)
     blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours
     has_class = (ids < num_classes)[..., None]
     out = np.where(has_class, np.rint(blended), rgb).astype(np.uint8)
@@ -107,6 +108,7 @@ def side_by_side(
     num_classes: int = 19,
     captions: Sequence[str] | None = DEFAULT_CAPTIONS,
     gap: int = 4,
+    palette=None,
 ) -> Image.Image:
     """A horizontal strip: the image, the ground truth in colour (skipped when ``None``), the prediction in colour.
 
@@ -118,6 +120,7 @@ def side_by_side(
         captions: one caption per panel in the order image, ground truth, prediction (the ground-truth caption
             is dropped with the panel), or ``None`` for no caption bar.
         gap: white pixels between panels.
+        palette: ``C x 3`` colours (a class table's); default the Cityscapes protocol's.
 
     Returns:
         RGB image of width ``panels * W + (panels - 1) * gap`` and height ``H`` (+ the caption bar).
@@ -129,10 +132,12 @@ def side_by_side(
     if names is not None and len(names) != 3:
         raise ValueError(f"captions must name the 3 panels (image, ground truth, prediction), got {names}")
     if ground_truth is not None:
-        panels.append(color_mask(_resize_ids(_as_id_array(ground_truth), (height, width)), num_classes))
+        panels.append(
+            color_mask(_resize_ids(_as_id_array(ground_truth), (height, width)), num_classes, palette)
+        )
     elif names is not None:
         names.pop(1)
-    panels.append(color_mask(_resize_ids(_as_id_array(prediction), (height, width)), num_classes))
+    panels.append(color_mask(_resize_ids(_as_id_array(prediction), (height, width)), num_classes, palette))
 
     caption_height = 0 if names is None else max(12, min(32, height // 10))
     strip = Image.new(
@@ -180,6 +185,7 @@ def save_prediction_strips(
     max_images: int = 4,
     flip: bool = False,
     inputs_dir: str | Path | None = None,
+    palette=None,
 ) -> list[Path]:
     """Predict the first ``max_images`` samples and save one :func:`side_by_side` strip PNG per sample.
 
@@ -194,6 +200,7 @@ def save_prediction_strips(
         max_images: how many strips to write at most.
         inputs_dir: when given, each input image is also saved there as it was, ``inputs_dir/NN_<name>.png``
             (the trainer's ``<checkpoint>/examples``: images a demo Space offers to try).
+        palette: ``C x 3`` colours (a class table's); default the Cityscapes protocol's.
 
     Returns:
         The written paths, ``out_dir/NN_<name>.png``, in sample order.
@@ -216,7 +223,7 @@ def save_prediction_strips(
             if index >= max_images:
                 break
             prediction = predict_train_ids(model, pixel_values, flip=flip)
-            strip = side_by_side(pixel_values, labels, prediction, num_classes)
+            strip = side_by_side(pixel_values, labels, prediction, num_classes, palette=palette)
             path = out_dir / f"{_file_stem(name, index)}.png"
             strip.save(path)
             written.append(path)

@@ -3,6 +3,7 @@
     python scripts/evaluate.py --model PATH_OR_REPO --dataset cityscapes --data_dir PATH \\
         [--split val] [--num_classes 19] [--output metrics.json] [--batch_size 1] \\
         [--flip] [--sliding_window [CROP_H,CROP_W[,STRIDE_H,STRIDE_W]]] [--mixed_precision {no,fp16,bf16}]
+    python scripts/evaluate.py --model PATH_OR_REPO --dataset folder --data_dir DIR --class_table classes.yaml
 
 Defaults: the whole image in one forward pass at its original size, no flip, full precision; logits are
 upsampled bilinearly to the label size. Several processes (``accelerate launch --multi_gpu --num_processes N
@@ -36,7 +37,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--split", default="val", help="default: val (ignored for gta5/synthia)")
     parser.add_argument(
-        "--num_classes", type=int, default=19, choices=(19, 16, 13), help="label protocol (default: 19)"
+        "--num_classes",
+        type=int,
+        default=None,
+        help="label protocol 19, 16 or 13 (default: 19; with --class_table: the table's)",
+    )
+    parser.add_argument(
+        "--class_table",
+        default=None,
+        help="class table (YAML/JSON) of the model's classes; needed for folder",
+    )
+    parser.add_argument(
+        "--target_class_table",
+        default=None,
+        help="the folder dataset's own class table, matched to the model's classes by name",
+    )
+    parser.add_argument(
+        "--acdc_conditions",
+        nargs="+",
+        default=None,
+        help="acdc: the conditions scored (fog night rain snow; default all four)",
     )
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default: 1)")
@@ -90,6 +110,9 @@ def main(argv=None) -> dict:
         cache_dir=args.cache_dir,
         trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress,
+        class_table=args.class_table,
+        target_class_table=args.target_class_table,
+        reader_options={"conditions": args.acdc_conditions} if args.acdc_conditions else None,
     )
 
 

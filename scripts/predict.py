@@ -2,6 +2,7 @@
 
     python scripts/predict.py --model PATH_OR_REPO --images FILE_OR_FOLDER... --output_dir OUT \\
         [--format color overlay labelids trainids] [--labels FILE_OR_FOLDER...] [--flip] [--num_classes 19]
+        [--class_table classes.yaml]
 
 Writes ``OUT/<format>/<name>.png`` at each input's own size (``labelids``: official Cityscapes label-id PNGs for
 a benchmark submission) and, with ``--labels``, side-by-side strips to ``OUT/strips/``. Unreadable files are
@@ -50,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="label protocol 19/16/13 (default: the model's number of labels)",
     )
+    parser.add_argument(
+        "--class_table",
+        default=None,
+        help="the class table the model was trained with: its palette colours the predictions, its label_ids "
+        "go to --format labelids, --labels are decoded through it",
+    )
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument(
         "--sliding_window",
@@ -77,6 +84,7 @@ def main(argv=None) -> int:
         alpha=args.alpha,
         device=args.device,
         progress=not args.no_progress,
+        class_table=args.class_table,
     )
     print(report.summary())
     for line in report.error_lines():  # one line per unreadable file

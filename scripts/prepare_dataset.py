@@ -4,6 +4,7 @@
     python scripts/prepare_dataset.py cityscapes --data_dir /data/cityscapes --output_dir out --split val
     python scripts/prepare_dataset.py synthia --data_dir /data/RAND_CITYSCAPES --output_dir out \\
         --push_to_hub me/synthia-cpsl --private
+    python scripts/prepare_dataset.py folder --data_dir /data/potsdam --class_table classes.yaml --output_dir out
 """
 
 import argparse
@@ -18,10 +19,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("dataset", choices=sorted(LAYOUTS), help="which official download")
+    parser.add_argument(
+        "dataset", choices=[*sorted(LAYOUTS), "folder"], help="which official download, or folder (your own)"
+    )
     parser.add_argument("--data_dir", required=True, help="root folder of the download")
     parser.add_argument("--output_dir", required=True, help="folder for README.md and data/*.parquet")
     parser.add_argument("--num_classes", type=int, default=None, help="19, 16 or 13 (default 19; SYNTHIA 16)")
+    parser.add_argument(
+        "--class_table",
+        default=None,
+        help="folder: the class table (YAML/JSON) its masks are decoded through",
+    )
     parser.add_argument(
         "--num_shards", type=int, default=None, help="a power of two (default: from the size)"
     )
@@ -46,6 +54,7 @@ def main(argv=None) -> int:
         push_to_hub=args.push_to_hub,
         private=args.private,
         num_proc=args.num_proc,
+        class_table=args.class_table,
     )
     print(result.summary())
     return 0

@@ -1,5 +1,6 @@
 """Datasets for CPSL: label protocols, the dataset registry (:func:`load_dataset` reads any dataset by name),
-GTA5 / SYNTHIA / Cityscapes readers, prepared (parquet, Hub) datasets, the built-in synthetic domain shift,
+GTA5 / SYNTHIA / Cityscapes readers, class tables and your own folders (``load_folder``), the ACDC / Dark Zurich /
+BDD100K / Mapillary readers, prepared (parquet, Hub) datasets, the built-in synthetic domain shift,
 streaming loaders and weak/strong augmentation.
 
 Names are resolved lazily so that ``import cpsl_hf.data`` stays cheap (``datasets`` is imported only when
@@ -21,6 +22,14 @@ _EXPORTS = {
     "synthia_lut": "protocols",
     "train_id_to_label_id": "protocols",
     "colorize": "protocols",
+    # class tables: any class set
+    "ClassTable": "class_table",
+    "ClassTableError": "class_table",
+    "ClassMapping": "class_table",
+    "load_class_table": "class_table",
+    "map_class_tables": "class_table",
+    "protocol_table": "class_table",
+    "distinct_palette": "class_table",
     # the dataset registry: every dataset by name
     "DatasetSpec": "registry",
     "DATASET_SPECS": "registry",
@@ -36,6 +45,11 @@ _EXPORTS = {
     "load_synthia": "readers",
     "load_cityscapes": "readers",
     "load_prepared": "readers",
+    "load_folder": "folder",
+    "load_acdc": "benchmarks",
+    "load_dark_zurich": "benchmarks",
+    "load_bdd100k": "benchmarks",
+    "load_mapillary": "benchmarks",
     "BadSampleError": "readers",
     "BadSample": "readers",
     "DataReport": "readers",

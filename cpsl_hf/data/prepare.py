@@ -126,6 +126,7 @@ def prepare_dataset(
     token: str | None = None,
     num_proc: int | None = None,
     progress: bool = True,
+    class_table=None,
 ) -> PrepareResult:
     """Check, convert and write one split of a download as parquet shards (see the module docstring).
 
@@ -139,7 +140,30 @@ def prepare_dataset(
         on_bad_sample: "raise" (default) or "skip" (bad pairs are listed in the card).
         push_to_hub: a dataset repo id to upload the folder to (checked before any work).
         private: create the Hub repo private.
+        class_table: for ``kind="folder"`` (your own images and masks): the class table (a path or a
+            :class:`~cpsl_hf.data.class_table.ClassTable`); see :func:`cpsl_hf.data.folder.prepare_folder`.
     """
+    if kind == "folder":
+        from .folder import prepare_folder
+
+        if class_table is None:
+            raise UsageError("prepare_dataset folder needs --class_table FILE (the classes of its masks)")
+        if num_classes is not None:
+            raise UsageError(
+                "prepare_dataset folder: the classes come from --class_table; drop --num_classes"
+            )
+        return prepare_folder(
+            data_dir,
+            output_dir,
+            class_table,
+            num_shards,
+            split,
+            on_bad_sample,
+            push_to_hub,
+            private,
+            token,
+            progress,
+        )
     if kind not in DOWNLOADS:
         raise ValueError(f"unknown dataset {kind!r}; expected one of {sorted(DOWNLOADS)}")
     if on_bad_sample not in ("raise", "skip"):
@@ -232,7 +256,7 @@ def _update_info(output_dir: Path, split: str, report: DataReport, num_shards: i
 def render_card(info: dict) -> str:
     """The dataset card (README.md) for the splits recorded in ``info`` (the content of cpsl_prepare.json)."""
     kind, num_classes = info["dataset"], info["num_classes"]
-    names = protocols.class_names(num_classes)
+    names = info.get("class_names") or protocols.class_names(num_classes)  # a folder's: its class table's
     source = dataset_spec(kind).long_name
     yaml_splits = "\n".join(
         f"  - split: {split}\n    path: data/{split}-*.parquet" for split in sorted(info["splits"])

@@ -125,11 +125,18 @@ THIRTEEN_OF_SIXTEEN: tuple[int, ...] = tuple(
 )
 
 
-def colorize(train_ids: np.ndarray, num_classes: int = 19) -> np.ndarray:
-    """Colour a protocol train-id map ``H x W`` in the Cityscapes palette -> ``H x W x 3`` uint8.
+def colorize(train_ids: np.ndarray, num_classes: int = 19, colors: np.ndarray | None = None) -> np.ndarray:
+    """Colour a train-id map ``H x W`` -> ``H x W x 3`` uint8, in ``colors`` (``num_classes x 3``, a class
+    table's palette) or by default the protocol's Cityscapes palette.
 
     Ignored pixels (and any id outside ``0 .. num_classes - 1``) are black.
     """
     table = np.zeros((256, 3), dtype=np.uint8)
-    table[:num_classes] = palette(num_classes)
+    if colors is None:
+        table[:num_classes] = palette(num_classes)
+    else:
+        colors = np.asarray(colors, dtype=np.uint8)
+        if colors.shape != (num_classes, 3):
+            raise ValueError(f"colors has shape {colors.shape}, expected ({num_classes}, 3)")
+        table[:num_classes] = colors
     return table[np.asarray(train_ids, dtype=np.uint8)]

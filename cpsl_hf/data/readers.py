@@ -111,6 +111,8 @@ class DataReport:
     out_of_table_samples: int | None = None
     class_pixels: list[int] | None = None
     ignored_pixels: int | None = None
+    unknown_by_file: dict[str, dict[str, int]] | None = None
+    label_format: str | None = None
 
     @property
     def num_skipped(self) -> int:
@@ -124,7 +126,16 @@ class DataReport:
             f"({self.num_classes}-class protocol)"
         ]
         lines += [f"  skipped {bad}" for bad in self.skipped]
-        if self.out_of_table_pixels:
+        if self.unknown_by_file:  # folder datasets: per file, values or #rrggbb colours
+            lines.append(
+                f"  label values not in the class table (set to 255) in {len(self.unknown_by_file)} files:"
+            )
+            shown = sorted(self.unknown_by_file.items())
+            for file, unknown in shown[:10]:
+                lines.append(f"    {file}: " + ", ".join(f"{value}: {n} px" for value, n in unknown.items()))
+            if len(shown) > 10:
+                lines.append(f"    ... and {len(shown) - 10} more files (DataReport.unknown_by_file)")
+        elif self.out_of_table_pixels:
             ids = ", ".join(f"{i}: {n} px" for i, n in sorted(self.out_of_table_pixels.items()))
             lines.append(
                 f"  label ids outside the table (set to 255) in {self.out_of_table_samples} samples: {ids}"

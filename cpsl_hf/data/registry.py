@@ -11,6 +11,12 @@ read from :data:`DATASET_SPECS`:
 - ``gta5``: the GTA5 download (``data_dir``); 19, 16 or 13 classes; no official split: the whole folder.
 - ``synthia``: the SYNTHIA-RAND-CITYSCAPES download; 16 or 13 classes; no official split: the whole folder.
 - ``cityscapes``: the Cityscapes download; 19, 16 or 13 classes; splits train, val, test.
+- ``acdc``, ``dark_zurich``, ``bdd100k``, ``mapillary``: the target benchmarks' downloads
+  (:mod:`cpsl_hf.data.benchmarks`); 19, 16 or 13 classes; their official splits (test splits, and Dark
+  Zurich's train, have no ground truth: labels all 255).
+- ``folder``: your own folder of images and masks (``data_dir``), decoded through a class table
+  (``class_table``, required; :mod:`cpsl_hf.data.class_table`); the classes are the table's; splits are the
+  folder's ``{split}/`` subfolders, a folder without them is read whole.
 - ``prepared``: parquet shards written by ``scripts/prepare_dataset.py``, ``data_dir`` their folder or Hub
   dataset repo id; the protocol and splits they were written with.
 
@@ -67,7 +73,7 @@ class DatasetSpec:
             folder is read, whatever split is asked) and for a prepared dataset (it has the splits it was
             written with; any name is passed on).
         official_split: False when the download has no official train / val split (GTA5, SYNTHIA).
-        num_classes: the label protocols it provides.
+        num_classes: the label protocols it provides (empty for ``folder``: its class table's).
         default_num_classes: the protocol read when none is asked (None: the prepared dataset's own).
         needs_data_dir: the name alone does not say where the data is: ``data_dir`` is required (the
             download's folder; for ``prepared``, the folder or Hub repo id).
@@ -81,7 +87,7 @@ class DatasetSpec:
     name: str
     display_name: str
     long_name: str
-    loader: Literal["synthetic", "download", "prepared"]
+    loader: Literal["synthetic", "download", "benchmark", "folder", "prepared"]
     reader: str
     splits: tuple[str, ...]
     official_split: bool
@@ -183,6 +189,83 @@ _SPECS = (
         ),
     ),
     DatasetSpec(
+        name="acdc",
+        display_name="ACDC",
+        long_name="ACDC (Adverse Conditions Dataset with Correspondences)",
+        loader="benchmark",
+        reader="benchmarks.load_acdc",
+        splits=("train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout=(
+            "ACDC: DATA_DIR/rgb_anon/{condition}/{split}/{sequence}/*_rgb_anon.png and "
+            "DATA_DIR/gt/{condition}/{split}/{sequence}/*_gt_labelIds.png (conditions fog, night, rain, snow)"
+        ),
+    ),
+    DatasetSpec(
+        name="dark_zurich",
+        display_name="Dark Zurich",
+        long_name="Dark Zurich",
+        loader="benchmark",
+        reader="benchmarks.load_dark_zurich",
+        splits=("train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout=(
+            "Dark Zurich: DATA_DIR/rgb_anon/{split}/{time}/{sequence}/*_rgb_anon.png and "
+            "DATA_DIR/gt/val/night/{sequence}/*_gt_labelIds.png"
+        ),
+    ),
+    DatasetSpec(
+        name="bdd100k",
+        display_name="BDD100K",
+        long_name="BDD100K semantic segmentation",
+        loader="benchmark",
+        reader="benchmarks.load_bdd100k",
+        splits=("train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout="BDD100K: DATA_DIR/images/10k/{split}/*.jpg and DATA_DIR/labels/sem_seg/masks/{split}/*.png",
+    ),
+    DatasetSpec(
+        name="mapillary",
+        display_name="Mapillary Vistas",
+        long_name="Mapillary Vistas (v1.2 labels mapped to the Cityscapes classes)",
+        loader="benchmark",
+        reader="benchmarks.load_mapillary",
+        splits=("training", "validation", "testing", "train", "val", "test"),
+        official_split=True,
+        num_classes=(19, 16, 13),
+        default_num_classes=19,
+        needs_data_dir=True,
+        layout=(
+            "Mapillary Vistas: DATA_DIR/{training,validation,testing}/images/*.jpg, "
+            "DATA_DIR/{split}/v1.2/labels/*.png and DATA_DIR/config_v1.2.json"
+        ),
+    ),
+    DatasetSpec(
+        name="folder",
+        display_name="folder",
+        long_name="a folder of images and masks with a class table",
+        loader="folder",
+        reader="folder.load_folder",
+        splits=(),
+        official_split=True,
+        num_classes=(),
+        default_num_classes=None,
+        needs_data_dir=True,
+        layout=(
+            "DATA_DIR/images/** with DATA_DIR/masks/** (or DATA_DIR/{split}/images with DATA_DIR/{split}/masks), "
+            "paired by relative path without extension, and a class table (--class_table FILE)"
+        ),
+    ),
+    DatasetSpec(
         name="prepared",
         display_name="prepared",
         long_name="a dataset prepared by scripts/prepare_dataset.py",
@@ -266,6 +349,9 @@ def load_dataset(
     *,
     label_cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    class_table=None,
+    class_mapping=None,
+    reader_options: dict | None = None,
     **synthetic_options,
 ):
     """Load a dataset by name: a ``datasets.Dataset`` (or ``IterableDataset``) with columns ``image`` (RGB),
@@ -287,6 +373,13 @@ def load_dataset(
         label_cache_dir: where the download readers cache converted labels (default
             ``$HF_DATASETS_CACHE/cpsl_hf``); other datasets ignore it.
         progress: the download readers' progress bars.
+        class_table: for ``folder`` (required): a :class:`~cpsl_hf.data.class_table.ClassTable` or the path
+            of its file; ``num_classes``, when given, must equal its number of classes. Other datasets: their
+            protocol's names must equal the table's (they are read as their protocol).
+        reader_options: for the target benchmarks, keyword options of their reader (``conditions`` of ACDC,
+            ``times`` of Dark Zurich, ``version`` of Mapillary); other datasets ignore them.
+        class_mapping: for ``folder``: a :class:`~cpsl_hf.data.class_table.ClassMapping` whose ``target`` is
+            ``class_table``; the labels are expressed in its source's classes.
         **synthetic_options: options of the synthetic shift (:data:`SYNTHETIC_OPTIONS`: ``domain`` "source"
             or "target", ``num_images``, ``image_size``, ``seed``, ``cache_dir``, ``variant``), as
             :func:`cpsl_hf.data.synthetic.load_synthetic` takes them; other datasets ignore them, so one call
@@ -306,9 +399,23 @@ def load_dataset(
         )
     spec = dataset_spec(name)
     name = os.fspath(name)
+    if spec.loader == "folder":
+        return _load_folder(
+            spec,
+            data_dir,
+            split,
+            num_classes,
+            streaming,
+            class_table,
+            class_mapping,
+            label_cache_dir,
+            progress,
+        )
+    if class_table is not None:
+        _check_protocol_names(spec, num_classes, class_table)
     if num_classes is None:
         num_classes = spec.default_num_classes
-    elif num_classes not in spec.num_classes:
+    elif spec.loader != "prepared" and num_classes not in spec.num_classes:
         provided = " or ".join(str(n) for n in spec.num_classes)
         raise ValueError(f"{spec.name} provides {provided} classes, got num_classes={num_classes}")
     if spec.loader == "synthetic":
@@ -330,7 +437,53 @@ def load_dataset(
     }
     if spec.official_split:
         options["split"] = split
+    if spec.loader == "benchmark" and reader_options:
+        options.update(reader_options)
     return spec.reader_function()(data_dir, **options)
+
+
+def _load_folder(spec, data_dir, split, num_classes, streaming, class_table, mapping, cache_dir, progress):
+    from .class_table import load_class_table
+
+    if data_dir is None:
+        raise ValueError(f"dataset 'folder' needs data_dir. Expected layout: {spec.layout}")
+    if class_table is None:
+        raise ValueError("dataset 'folder' needs a class table (class_table=FILE, --class_table FILE)")
+    if isinstance(class_table, (str, os.PathLike)):
+        class_table = load_class_table(class_table)
+    out_classes = mapping.source.num_classes if mapping is not None else class_table.num_classes
+    if num_classes is not None and num_classes != out_classes:
+        raise ValueError(
+            f"num_classes={num_classes} disagrees with the class table {class_table.source}, which has "
+            f"{out_classes} classes"
+        )
+    return spec.reader_function()(
+        data_dir,
+        class_table,
+        split,
+        streaming=streaming,
+        mapping=mapping,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
+def _check_protocol_names(spec: DatasetSpec, num_classes: int | None, class_table) -> None:
+    """A built-in dataset is read as its protocol: a class table given with it must name the same classes."""
+    from . import protocols
+    from .class_table import load_class_table
+
+    if isinstance(class_table, (str, os.PathLike)):
+        class_table = load_class_table(class_table)
+    count = num_classes if num_classes is not None else class_table.num_classes
+    if count not in protocols.SUPPORTED_NUM_CLASSES or list(class_table.names) != protocols.class_names(
+        count
+    ):
+        raise ValueError(
+            f"{spec.name} is read as a built-in protocol (19, 16 or 13 Cityscapes classes); the class table "
+            f"{class_table.source} has other classes ({', '.join(class_table.names)}): use dataset 'folder' "
+            "for a dataset of your own classes"
+        )
 
 
 def _load_synthetic(spec: DatasetSpec, data_dir, split: str, options: dict):

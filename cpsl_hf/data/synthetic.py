@@ -1031,3 +1031,89 @@ def load_synthetic(
     with atomic_directory(target, keep_existing=_is_saved_dataset) as scratch:
         dataset.save_to_disk(str(scratch))
     return datasets.load_from_disk(str(target))
+
+
+# --------------------------------------------------------------------------------------------------------
+# A different class set: the 7 coarse Cityscapes categories, written as your own folders would be
+# --------------------------------------------------------------------------------------------------------
+
+#: The 7 coarse categories of the Cityscapes label table (``void`` aside), in train-id order, with colours.
+COARSE_CATEGORIES: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("flat", (128, 64, 128)),
+    ("construction", (70, 70, 70)),
+    ("object", (220, 220, 0)),
+    ("nature", (107, 142, 35)),
+    ("sky", (70, 130, 180)),
+    ("human", (220, 20, 60)),
+    ("vehicle", (0, 0, 142)),
+)
+CLASS_SETS = ("cityscapes", "coarse")
+
+
+def coarse_class_table():
+    """The class table of the coarse class set: each of the 7 Cityscapes categories takes the Cityscapes label
+    ids of its classes (many-to-one: ``flat`` <- road 7, sidewalk 8, parking 9, rail track 10, ...); the ids of
+    category ``void`` are void values. Masks of :func:`write_synthetic_folders` hold Cityscapes label ids."""
+    from cityscapesscripts.helpers.labels import labels as cityscapes_labels
+
+    from .class_table import ClassTable
+
+    values = {name: [] for name, _ in COARSE_CATEGORIES}
+    void = []
+    for label in cityscapes_labels:
+        if label.id < 0:
+            continue
+        (values[label.category] if label.category in values else void).append(label.id)
+    return ClassTable(
+        names=tuple(name for name, _ in COARSE_CATEGORIES),
+        values=tuple(tuple(values[name]) for name, _ in COARSE_CATEGORIES),
+        void_values=tuple(void),
+        colors=tuple(color for _, color in COARSE_CATEGORIES),
+        source="<synthetic coarse class set>",
+        name="coarse-7",
+    )
+
+
+def write_synthetic_folders(
+    out_dir: str | os.PathLike,
+    num_train_images: int = 400,
+    num_val_images: int = 100,
+    image_size: tuple[int, int] = (128, 256),
+    seed: int = 0,
+    variant: str = "default",
+    class_set: str = "coarse",
+) -> Path:
+    """Write the synthetic shift as two folders of your own: the generic path end to end, without a download.
+
+    Layout: ``out_dir/{source,target}/{train,val}/{images,masks}/NAME.png`` (RGB images; 8-bit masks of
+    Cityscapes label ids, which both class sets decode) and the class table ``out_dir/classes.yaml``:
+    ``class_set="coarse"`` (default) the 7 Cityscapes categories (:func:`coarse_class_table`), ``"cityscapes"``
+    the 19 classes. The scenes are those of :func:`generate_synthetic` (same seeds, same pixels). Train with::
+
+        --source folder --source_dir OUT/source --target folder --target_dir OUT/target \\
+            --class_table OUT/classes.yaml
+
+    Returns ``out_dir``.
+    """
+    from .class_table import protocol_table
+    from .protocols import train_id_to_label_id
+
+    if class_set not in CLASS_SETS:
+        raise ValueError(f"write_synthetic_folders: class_set={class_set!r}; expected one of {CLASS_SETS}")
+    out_dir = Path(out_dir)
+    to_label_ids = train_id_to_label_id(19)
+    for domain in DOMAINS:
+        for split, count in (("train", num_train_images), ("val", num_val_images)):
+            images, labels, names = generate_synthetic(
+                domain, "train" if split == "train" else "validation", count, image_size, seed, variant
+            )
+            for sub in ("images", "masks"):
+                (out_dir / domain / split / sub).mkdir(parents=True, exist_ok=True)
+            for image, label, name in zip(images, labels, names, strict=True):
+                Image.fromarray(image).save(
+                    out_dir / domain / split / "images" / f"{name}.png", compress_level=1
+                )
+                Image.fromarray(to_label_ids[label]).save(out_dir / domain / split / "masks" / f"{name}.png")
+    table = coarse_class_table() if class_set == "coarse" else protocol_table(19)
+    table.save(out_dir / "classes.yaml")
+    return out_dir

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -47,6 +48,8 @@ SUPPORTED_NUM_CLASSES = {name: registry.dataset_spec(name).num_classes for name 
 """Label protocols each of those datasets provides (from the registry)."""
 
 _HUB_REPO_ID = registry.HUB_REPO_ID
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigurationError(ValueError):
@@ -103,8 +106,9 @@ class DataArguments:
     source: str = field(
         default="synthetic",
         metadata={
-            "help": "Source dataset: synthetic | gta5 | synthia | cityscapes (with --source_dir), or a prepared "
-            "folder / Hub dataset repo id written by scripts/prepare_dataset.py."
+            "help": "Source dataset: synthetic | gta5 | synthia | cityscapes (with --source_dir), folder (your own "
+            "images/ + masks/ folder, with --source_dir and --class_table), or a prepared folder / Hub dataset "
+            "repo id written by scripts/prepare_dataset.py."
         },
     )
     source_dir: str | None = field(default=None, metadata={"help": "Local folder of the source dataset."})
@@ -115,8 +119,28 @@ class DataArguments:
     target_dir: str | None = field(default=None, metadata={"help": "Local folder of the target dataset."})
     target_train_split: str = field(default="train", metadata={"help": "Target split adapted on."})
     target_val_split: str = field(default="val", metadata={"help": "Target split evaluated on."})
-    num_classes: int = field(
-        default=19, metadata={"help": "Label protocol: 19 (GTA5), 16 or 13 (SYNTHIA) classes."}
+    num_classes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Label protocol: 19 (GTA5), 16 or 13 (SYNTHIA) classes; default 19, or with --class_table the "
+            "table's number of classes (a different value is an error)."
+        },
+    )
+    class_table: str | None = field(
+        default=None,
+        metadata={
+            "help": "Class table (YAML or JSON) of your own classes: names, the mask values of each class, void "
+            "values, palette (cpsl_hf/data/class_table.py). The model predicts its classes; folder datasets "
+            "are decoded through it."
+        },
+    )
+    target_class_table: str | None = field(
+        default=None,
+        metadata={
+            "help": "The target folder's own class table when it differs from --class_table (or from the "
+            "--num_classes protocol): its classes are matched to the source's by name; classes on one side "
+            "only are reported, a pair with no common class is an error."
+        },
     )
     source_resize: list[int] | None = field(
         default=None,
@@ -171,17 +195,53 @@ class DataArguments:
     synthetic_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache folder of the generated synthetic datasets."}
     )
+    acdc_conditions: list[str] | None = field(
+        default=None,
+        metadata={
+            "nargs": "+",
+            "help": "ACDC: the conditions read (fog night rain snow; default every one found), e.g. night alone.",
+        },
+    )
+    dark_zurich_times: list[str] = field(
+        default_factory=lambda: ["night"],
+        metadata={
+            "nargs": "+",
+            "help": "Dark Zurich train split: the times of day read (day twilight night).",
+        },
+    )
 
     def validate(self) -> None:
         """Choices, the label protocol, both datasets (name, folder, classes) and the image and crop sizes."""
         _check_choices(self)
-        if self.num_classes not in (19, 16, 13):
-            raise ConfigurationError(
-                f"--num_classes {self.num_classes}: supported protocols are 19, 16 and 13"
-            )
-        _check_dataset("source", self.source, self.source_dir, self.num_classes)
-        _check_dataset("target", self.target, self.target_dir, self.num_classes)
+        classes = resolve_classes(
+            self, report=True
+        )  # fills num_classes from --class_table, checks both tables
+        self.num_classes = classes.table.num_classes
+        self._check_benchmark_options()
+        _check_dataset("source", self.source, self.source_dir, self.num_classes, self.class_table)
+        _check_dataset("target", self.target, self.target_dir, self.num_classes, self.class_table)
         self._check_sizes()
+
+    def _check_benchmark_options(self) -> None:
+        from cpsl_hf.data.benchmarks import ACDC_CONDITIONS, DARK_ZURICH_TIMES
+
+        for flag, values, allowed in (
+            ("acdc_conditions", self.acdc_conditions or [], ACDC_CONDITIONS),
+            ("dark_zurich_times", self.dark_zurich_times, DARK_ZURICH_TIMES),
+        ):
+            unknown = [value for value in values if value not in allowed]
+            if unknown:
+                raise ConfigurationError(
+                    f"--{flag} {' '.join(unknown)}: expected some of {', '.join(allowed)}"
+                )
+
+    def reader_options(self, name: str) -> dict:
+        """Keyword options of the reader of dataset ``name`` (ACDC's conditions, Dark Zurich's times)."""
+        if name == "acdc" and self.acdc_conditions:
+            return {"conditions": list(self.acdc_conditions)}
+        if name == "dark_zurich":
+            return {"times": tuple(self.dark_zurich_times)}
+        return {}
 
     def _check_sizes(self) -> None:
         """Sizes are two positive numbers, the scale range is ordered, crops fit the resized and synthetic images."""
@@ -810,13 +870,19 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
 
 
 def default_output_dir(args: RunArguments) -> str:
-    """``outputs/<source>_to_<target>_<backbone>`` with path separators made safe."""
+    """``outputs/<source>_to_<target>_<backbone>`` with path separators made safe (a ``folder`` dataset is named
+    by its folder)."""
 
     def slug(text: str) -> str:
         return re.sub(r"[^\w.-]+", "-", Path(text).name if os.path.isdir(text) else text).strip("-")
 
+    def name(flag: str) -> str:  # your own folder by its folder name
+        directory = getattr(args.data, f"{flag}_dir")
+        dataset = getattr(args.data, flag)
+        return slug(Path(directory).name) if dataset == "folder" and directory else slug(dataset)
+
     backbone = args.model.model_name_or_path or args.model.backbone
-    return os.path.join("outputs", f"{slug(args.data.source)}_to_{slug(args.data.target)}_{slug(backbone)}")
+    return os.path.join("outputs", f"{name('source')}_to_{name('target')}_{slug(backbone)}")
 
 
 def dataset_kind(name: str) -> str:
@@ -825,7 +891,77 @@ def dataset_kind(name: str) -> str:
     return registry.dataset_kind(name, KNOWN_DATASETS)
 
 
-def _check_dataset(flag: str, name: str, directory: str | None, num_classes: int) -> None:
+@dataclass(frozen=True)
+class RunClasses:
+    """The classes of a run: ``table`` (what the model predicts: ``--class_table`` or the ``--num_classes``
+    protocol), ``target_table`` (how the target's masks decode: ``--target_class_table``, else ``table``) and
+    ``mapping`` (target classes -> the model's, by name; None when the target uses ``table``)."""
+
+    table: Any
+    target_table: Any
+    mapping: Any = None
+
+
+def resolve_classes(data: DataArguments, report: bool = False) -> RunClasses:
+    """Load and check ``--class_table`` / ``--target_class_table`` against ``--num_classes`` and the datasets.
+
+    Raises:
+        ConfigurationError: a table that cannot be read or breaks a rule (file, key, reason), an explicit
+            ``--num_classes`` that disagrees with the table, a ``folder`` dataset without a table, a target table
+            for a dataset that is not a folder, or source / target tables with no common class.
+
+    ``report``: log the classes found on one side only (validation does, once per run).
+    """
+    from cpsl_hf.data.class_table import ClassTableError, load_class_table, map_class_tables, protocol_table
+
+    def load(flag: str, path: str):
+        try:
+            return load_class_table(path)
+        except ClassTableError as error:
+            raise ConfigurationError(f"--{flag} {error}") from None
+
+    if data.class_table is not None:
+        table = load("class_table", data.class_table)
+        if data.num_classes is not None and data.num_classes != table.num_classes:
+            raise ConfigurationError(
+                f"--num_classes {data.num_classes} disagrees with --class_table {data.class_table}, which has "
+                f"{table.num_classes} classes; drop --num_classes (the table sets it)"
+            )
+    else:
+        num_classes = 19 if data.num_classes is None else data.num_classes
+        if num_classes not in (19, 16, 13):
+            raise ConfigurationError(
+                f"--num_classes {num_classes}: supported protocols are 19, 16 and 13; for other classes "
+                "pass --class_table FILE"
+            )
+        table = protocol_table(num_classes)
+    for flag in ("source", "target"):
+        if (
+            getattr(data, flag) == "folder"
+            and data.class_table is None
+            and not (flag == "target" and data.target_class_table is not None)
+        ):
+            raise ConfigurationError(f"--{flag} folder needs --class_table FILE (the classes of its masks)")
+    if data.target_class_table is None:
+        return RunClasses(table, table)
+    if data.target != "folder":
+        raise ConfigurationError(
+            f"--target_class_table: only a folder target (--target folder) is decoded through a table of its "
+            f"own, got --target {data.target}"
+        )
+    target_table = load("target_class_table", data.target_class_table)
+    try:
+        mapping = map_class_tables(table, target_table)
+    except ClassTableError as error:
+        raise ConfigurationError(f"--target_class_table {error}") from None
+    if report and (mapping.source_only or mapping.target_only):
+        logger.warning("classes of --class_table and --target_class_table: %s", mapping.summary())
+    return RunClasses(table, target_table, None if mapping.is_identity else mapping)
+
+
+def _check_dataset(
+    flag: str, name: str, directory: str | None, num_classes: int, class_table: str | None = None
+) -> None:
     kind = dataset_kind(name)
     if kind == "unknown":
         raise ConfigurationError(
@@ -837,11 +973,32 @@ def _check_dataset(flag: str, name: str, directory: str | None, num_classes: int
             raise ConfigurationError(f"--{flag}_dir: --{flag} {name} needs the dataset's local folder")
         if not os.path.isdir(directory):
             raise ConfigurationError(f"--{flag}_dir: folder {directory!r} does not exist (--{flag} {name})")
-    if kind in SUPPORTED_NUM_CLASSES and num_classes not in SUPPORTED_NUM_CLASSES[kind]:
+    if class_table is not None and kind in KNOWN_DATASETS and registry.dataset_spec(kind).loader != "folder":
+        from cpsl_hf.data import protocols
+
+        if num_classes not in protocols.SUPPORTED_NUM_CLASSES or load_table_names(class_table) != tuple(
+            protocols.class_names(num_classes)
+        ):
+            raise ConfigurationError(
+                f"--{flag} {name} is read as a built-in Cityscapes protocol, but --class_table {class_table} has "
+                "other classes; use --{flag} folder for a dataset of your own classes".replace("{flag}", flag)
+            )
+    if (
+        kind in SUPPORTED_NUM_CLASSES
+        and SUPPORTED_NUM_CLASSES[kind]
+        and num_classes not in SUPPORTED_NUM_CLASSES[kind]
+    ):
         allowed = " or ".join(str(n) for n in SUPPORTED_NUM_CLASSES[kind])
         raise ConfigurationError(
             f"--num_classes {num_classes} disagrees with --{flag} {name}, which provides {allowed} classes"
         )
+
+
+def load_table_names(path: str) -> tuple[str, ...]:
+    """The class names of the table at ``path`` (already checked by :func:`resolve_classes`)."""
+    from cpsl_hf.data.class_table import load_class_table
+
+    return load_class_table(path).names
 
 
 def _check_pair(flag: str, values: list | None, positive: bool = True) -> None:

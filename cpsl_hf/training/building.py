@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpsl_hf.data import protocols
 from cpsl_hf.data.protocols import IGNORE_INDEX
 
 from .arguments import ConfigurationError, RunArguments
@@ -23,9 +22,19 @@ def load_domain_dataset(args: RunArguments, domain: str, split: str):
     """
     from cpsl_hf.data.registry import dataset_spec, load_dataset
 
+    from .arguments import resolve_classes
+
     data = args.data
     name = getattr(data, domain)
-    directory = getattr(data, f"{domain}_dir") if dataset_spec(name).needs_data_dir else None
+    spec = dataset_spec(name)
+    directory = getattr(data, f"{domain}_dir") if spec.needs_data_dir else None
+    tables = {}
+    if spec.loader == "folder":  # decoded through the run's class table (the target's own, mapped by name)
+        classes = resolve_classes(data)
+        if domain == "source":
+            tables = {"class_table": classes.table}
+        else:
+            tables = {"class_table": classes.target_table, "class_mapping": classes.mapping}
     return load_dataset(
         name,
         directory,
@@ -38,6 +47,8 @@ def load_domain_dataset(args: RunArguments, domain: str, split: str):
         seed=data.synthetic_seed,
         cache_dir=data.synthetic_cache_dir,
         variant=data.synthetic_variant,
+        reader_options=data.reader_options(name),
+        **tables,
     )
 
 
@@ -69,8 +80,10 @@ def build_model(args: RunArguments) -> nn.Module:
     from cpsl_hf.configuration_cpsl import PRESETS, CPSLConfig
     from cpsl_hf.modeling_cpsl import CPSLForSemanticSegmentation
 
+    from .arguments import resolve_classes
+
     num_classes = args.data.num_classes
-    id2label = dict(enumerate(protocols.class_names(num_classes)))
+    id2label = resolve_classes(args.data).table.id2label
     overrides: dict[str, Any] = {"sl_temperature": args.model.sl_temperature}
     if args.model.embedding_dim is not None:
         overrides["embedding_dim"] = args.model.embedding_dim

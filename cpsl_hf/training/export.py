@@ -208,6 +208,7 @@ def save_predictions(
         trainer.num_classes,
         max_images=trainer.args.training.save_predictions,
         inputs_dir=inputs_dir,
+        palette=trainer.class_table.palette,
     )
 
 
@@ -234,7 +235,7 @@ def summary_table(trainer: Trainer) -> str:
     lines.append(
         "| **mIoU** | " + " | ".join(f"**{format_percent(m['mean_iou'])}**" for _, m in columns) + " |"
     )
-    if trainer.num_classes == 16:
+    if any(m.get("mean_iou_13") is not None for _, m in columns):
         lines.append(
             "| mIoU (13) | " + " | ".join(format_percent(m.get("mean_iou_13")) for _, m in columns) + " |"
         )

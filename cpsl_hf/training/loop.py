@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpsl_hf.data import protocols
 from cpsl_hf.utils import autocast_dtype, json_ready, progress
 
 from . import export
-from .arguments import RunArguments, parse_duration, validate_against_datasets
+from .arguments import RunArguments, parse_duration, resolve_classes, validate_against_datasets
 from .building import build_model, load_domain_dataset, make_optimizer, parameter_groups, peek_dataset
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .cpu_threads import configure_cpu_threads, parse_cpu_threads
@@ -164,7 +163,8 @@ class Trainer:
         args, accelerator = self.args, self.accelerator
         model = build_model(args)
         self.num_classes = args.data.num_classes
-        self.class_names = protocols.class_names(self.num_classes)
+        self.class_table = resolve_classes(args.data).table
+        self.class_names = list(self.class_table.names)
         self.embedding_dim = model.config.embedding_dim
         network_groups, prototype_group = parameter_groups(model, args)
         separate_prototypes = args.cpsl.prototype_optimizer != args.training.optimizer
@@ -671,6 +671,7 @@ class Trainer:
                     self.num_classes,
                     device=self.device,
                     autocast_dtype=autocast,
+                    class_names=self.class_names,
                     progress=self.accelerator.is_main_process and training.progress_bar,
                 )
             results[who] = json_ready(metrics)

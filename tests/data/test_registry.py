@@ -1,10 +1,14 @@
 """The dataset registry: every name loads through load_dataset exactly as its reader does, the trainer's and
 the evaluator's names agree with it, and unknown names fail clearly."""
 
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from cpsl_hf.data import prepare, readers, registry, synthetic, testing
+from cpsl_hf.data import benchmarks, prepare, readers, registry, synthetic, testing
+from cpsl_hf.data import folder as folder_reader
 from cpsl_hf.data.registry import DATASETS, dataset_kind, dataset_spec, load_dataset
 
 SYNTHETIC = {"num_images": 2, "image_size": (32, 64), "seed": 3}
@@ -42,6 +46,41 @@ def downloads(tmp_path_factory):
         }
         testing.write_cityscapes(root / "cityscapes", maps, split=split)
     prepare.prepare_dataset("gta5", root / "gta5", root / "gta5-prepared", num_shards=1, progress=False)
+    # your own folder: images/ + masks/ whose values are GTA5's (Cityscapes label ids), with a 2-class table
+    for index, label_ids in enumerate(gta5.values()):
+        for sub, array in (("images", testing.random_image(6, 8, rng)), ("masks", label_ids)):
+            (root / "folder" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / "folder" / sub / f"f{index}.png")
+    # the target benchmarks, one labelled image each in their official layouts
+    ids = testing.random_label_ids("cityscapes", 6, 8, rng)
+    for kind, image, label in (
+        ("acdc", "rgb_anon/fog/val/S/a_rgb_anon.png", "gt/fog/val/S/a_gt_labelIds.png"),
+        ("dark_zurich", "rgb_anon/val/night/S/a_rgb_anon.png", "gt/val/night/S/a_gt_labelIds.png"),
+        ("bdd100k", "images/10k/val/a.jpg", "labels/sem_seg/masks/val/a.png"),
+        ("mapillary", "validation/images/a.jpg", "validation/v1.2/labels/a.png"),
+    ):
+        for path, array in ((image, testing.random_image(6, 8, rng)), (label, ids % 19)):
+            (root / kind / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(root / kind / path)
+    labels = [
+        {"name": name} for name in ("nature--sky", "construction--flat--road", "construction--flat--sidewalk")
+    ]
+    labels += [
+        {"name": f"object--vehicle--{name}"} for name in ("car", "truck", "bus", "on-rails", "motorcycle")
+    ]
+    labels += [
+        {"name": name} for name in ("object--vehicle--bicycle", "human--person", "human--rider--bicyclist")
+    ]
+    labels += [
+        {"name": f"construction--{name}"}
+        for name in ("structure--building", "barrier--wall", "barrier--fence")
+    ]
+    labels += [
+        {"name": name} for name in ("object--support--pole", "object--traffic-light", "nature--terrain")
+    ]
+    labels += [{"name": "object--traffic-sign--front"}, {"name": "nature--vegetation"}]
+    (root / "mapillary" / "config_v1.2.json").write_text(json.dumps({"labels": labels}))
+    (root / "folder.yaml").write_text("classes: [{name: road, values: [7]}, {name: car, values: [26, 27]}]")
     return {"root": root, "names": {"gta5": sorted(gta5), "synthia": sorted(synthia)}}
 
 
@@ -66,6 +105,14 @@ def load_both(name, downloads, tmp_path):
     elif name == "cityscapes":
         through = load_dataset(name, folder, split="val", num_classes=16, label_cache_dir=root / "a")
         direct = readers.load_cityscapes(folder, split="val", num_classes=16, cache_dir=root / "b")
+    elif name in ("acdc", "dark_zurich", "bdd100k", "mapillary"):
+        through = load_dataset(name, folder, split="val", label_cache_dir=root / "a")
+        reader = getattr(benchmarks, f"load_{name}")
+        direct = reader(folder, "val", cache_dir=root / "b")
+    elif name == "folder":
+        table = downloads["root"] / "folder.yaml"
+        through = load_dataset(name, folder, "train", class_table=table, label_cache_dir=root / "a")
+        direct = folder_reader.load_folder(folder, table, "train", cache_dir=root / "b")
     elif name == "prepared":
         prepared = downloads["root"] / "gta5-prepared"
         through = load_dataset(name, prepared, split="train", streaming=True)
@@ -89,11 +136,28 @@ READERS = {
     "synthia": readers.load_synthia,
     "cityscapes": readers.load_cityscapes,
     "prepared": readers.load_prepared,
+    "folder": folder_reader.load_folder,
+    "acdc": benchmarks.load_acdc,
+    "dark_zurich": benchmarks.load_dark_zurich,
+    "bdd100k": benchmarks.load_bdd100k,
+    "mapillary": benchmarks.load_mapillary,
 }
 
 
 def test_the_registry_holds_the_datasets_the_package_reads():
-    assert set(DATASETS) == {"synthetic", "synthetic-hard", "gta5", "synthia", "cityscapes", "prepared"}
+    assert set(DATASETS) == {
+        "synthetic",
+        "synthetic-hard",
+        "gta5",
+        "synthia",
+        "cityscapes",
+        "acdc",
+        "dark_zurich",
+        "bdd100k",
+        "mapillary",
+        "folder",
+        "prepared",
+    }
     assert registry.DOWNLOADS == ("gta5", "synthia", "cityscapes")
     assert readers.LAYOUTS == {name: dataset_spec(name).layout for name in ("gta5", "synthia", "cityscapes")}
     assert (
@@ -185,8 +249,21 @@ def test_the_trainer_accepts_exactly_the_names_and_protocols_the_registry_loads(
     from cpsl_hf.training.arguments import ConfigurationError, parse_args
 
     assert set(arguments.KNOWN_DATASETS) <= set(DATASETS)
-    assert arguments.KNOWN_DATASETS == ("synthetic", "gta5", "synthia", "cityscapes")
-    for name in arguments.KNOWN_DATASETS:
+    assert arguments.KNOWN_DATASETS == (
+        "synthetic",
+        "gta5",
+        "synthia",
+        "cityscapes",
+        "acdc",
+        "dark_zurich",
+        "bdd100k",
+        "mapillary",
+        "folder",
+    )
+    assert (
+        arguments.dataset_kind("folder") == "folder"
+    )  # its classes come from --class_table (test_folder_run)
+    for name in ("synthetic", "gta5", "synthia", "cityscapes"):
         assert arguments.dataset_kind(name) == name
         for num_classes in (19, 16, 13):
             folder = downloads["root"] / name

@@ -17,6 +17,7 @@ from cpsl_hf.training.arguments import (
 from cpsl_hf.training.loop import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CLASS_TABLE = Path(__file__).resolve().parent / "two_classes.yaml"
 
 
 def test_demo_config_equals_the_defaults():
@@ -55,8 +56,14 @@ def test_every_shipped_recipe_parses(name, tmp_path):
             str(tmp_path / "source"),
             "--target_dir",
             str(tmp_path / "target"),
+            *(["--class_table", str(CLASS_TABLE)] if name.startswith("folder") else []),
         ]
     )
+    if name.startswith("cityscapes_"):  # Cityscapes -> ACDC / Dark Zurich: the benchmark readers
+        assert args.data.source == "cityscapes" and args.data.num_classes == 19
+        assert args.data.target == {"acdc": "acdc", "darkzurich": "dark_zurich"}[name.split("_")[1]]
+    if name.startswith("folder"):  # the classes come from the table
+        assert args.data.num_classes == 2 and args.data.class_table == str(CLASS_TABLE)
     if "synthia" in name:
         assert args.data.num_classes == 16
     if "segformer_b5" in name:
