@@ -9,7 +9,6 @@ and uploads the folder. ``scripts/make_space.py`` runs both.
 
 from __future__ import annotations
 
-import colorsys
 import json
 import os
 import shutil
@@ -31,21 +30,27 @@ MAX_EXAMPLES = 8
 SPACE_REQUIREMENTS = ("torch", "transformers", "numpy", "pillow", "safetensors")
 
 
-def class_palette(class_names: Sequence[str]) -> list[list[int]]:
-    """One RGB colour per class: the Cityscapes colour of every Cityscapes class name, and well-separated hues
-    (golden-ratio steps) for any other name, so a model with its own classes still gets distinct colours."""
+def class_palette(
+    class_names: Sequence[str], class_table: str | os.PathLike | None = None
+) -> list[list[int]]:
+    """One RGB colour per class: the class table's palette when one is given (its names must be the model's, in
+    order), else the Cityscapes colour of every Cityscapes class name and distinct colours
+    (:func:`cpsl_hf.data.class_table.distinct_palette`) for the others."""
+    from cpsl_hf.data.class_table import distinct_palette, load_class_table
     from cpsl_hf.data.protocols import CITYSCAPES_PALETTE
     from cpsl_hf.data.protocols import class_names as cityscapes_names
 
+    if class_table is not None:
+        table = load_class_table(class_table)
+        if list(table.names) != list(class_names):
+            raise UsageError(
+                f"--class_table {class_table}: its classes {list(table.names)} are not the model's "
+                f"{list(class_names)}"
+            )
+        return table.palette.tolist()
     cityscapes = dict(zip(cityscapes_names(19), CITYSCAPES_PALETTE.tolist()))
-    colours, hue = [], 0.0
-    for name in class_names:
-        if name in cityscapes:
-            colours.append([int(value) for value in cityscapes[name]])
-            continue
-        hue = (hue + 0.618033988749895) % 1.0
-        colours.append([int(round(255 * value)) for value in colorsys.hsv_to_rgb(hue, 0.65, 0.95)])
-    return colours
+    others = distinct_palette(len(class_names)).tolist()
+    return [cityscapes.get(name, others[index]) for index, name in enumerate(class_names)]
 
 
 def _model_config(model: str) -> dict:
@@ -125,6 +130,7 @@ def write_space(
     output_dir: str | os.PathLike,
     examples: Sequence[str | os.PathLike] | None = None,
     title: str | None = None,
+    class_table: str | os.PathLike | None = None,
 ) -> Path:
     """Write the Space folder for ``model`` into ``output_dir`` and return it.
 
@@ -135,6 +141,8 @@ def write_space(
         output_dir: the folder to write (created; files of the same names are replaced).
         examples: image files or folders to offer as examples (default: the model folder's ``examples/``).
         title: the page's title (default: from the model's name).
+        class_table: the class table the model was trained with (``--class_table``): its palette colours the
+            masks (default: Cityscapes colours by class name, distinct colours for other names).
     """
     import transformers
 
@@ -160,7 +168,7 @@ def write_space(
         "model": model if hub_model else str(Path(model).resolve()),
         "title": title,
         "description": f"{len(names)} classes: " + ", ".join(names) + ".",
-        "palette": class_palette(names),
+        "palette": class_palette(names, class_table),
     }
     (folder / "space_config.json").write_text(json.dumps(settings, indent=1, ensure_ascii=False) + "\n")
     requirements = [f"transformers=={transformers.__version__}"] + [

@@ -29,6 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--examples", nargs="+", default=None, help="image files or folders offered as examples"
     )
+    parser.add_argument(
+        "--class_table",
+        default=None,
+        help="the class table the model was trained with (its palette colours masks)",
+    )
     parser.add_argument("--title", default=None, help="page title (default: from the model's name)")
     parser.add_argument(
         "--push", action="store_true", help="create the Space on the Hub and upload the folder"
@@ -40,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    folder = write_space(args.model, args.space_id, args.output_dir, examples=args.examples, title=args.title)
+    folder = write_space(
+        args.model, args.space_id, args.output_dir, examples=args.examples, title=args.title,
+        class_table=args.class_table,
+    )  # fmt: skip
     print(f"Space folder: {folder.resolve()} (run it locally: cd {folder} && python app.py)")
     if args.push:
         print(push_space(folder, args.space_id, private=args.private, token=args.token))

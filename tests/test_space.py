@@ -279,3 +279,20 @@ def test_a_browser_uploads_an_image_and_sees_the_mask(served_app, browser):
     wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#cpsl-legend li.cpsl-class"))
     browser.save_screenshot(str(ARTIFACTS / "space_demo_prediction.png"))
     assert Image.open(ARTIFACTS / "space_demo_prediction.png").size[0] > 0
+
+
+def test_class_palette_from_the_models_class_table(tmp_path):
+    table = tmp_path / "classes.yaml"
+    table.write_text(
+        "void_values: [0]\nclasses:\n"
+        "  - {name: crop, values: [1], color: [10, 200, 30]}\n"
+        "  - {name: road, values: [2], color: [250, 250, 0]}\n"
+    )
+    assert class_palette(["crop", "road"], table) == [
+        [10, 200, 30],
+        [250, 250, 0],
+    ]  # the table wins by name too
+    with pytest.raises(
+        UsageError, match="classes.yaml: its classes \\['crop', 'road'\\] are not the model's"
+    ):
+        class_palette(["road", "crop"], table)
