@@ -27,12 +27,15 @@ from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
 from .readers import (
+    PREPARED_INFO_FILE,
     BadSampleError,
     DataReport,
+    HubDatasetError,
     _Accumulator,
     _label_lut,
     check_pairs,
     dataset_features,
+    http_error_class,
     hub_offline,
     iter_converted,
     scan,
@@ -42,7 +45,7 @@ from .registry import DOWNLOADS, dataset_spec
 TARGET_SHARD_BYTES = 500 * 2**20
 MIN_SHARDS = 32  # when there are enough samples: lets up to 32 processes each read whole shards
 ROW_GROUP_SIZE = 32  # rows per parquet row group: the unit a streaming reader fetches
-INFO_FILE = "cpsl_prepare.json"
+INFO_FILE = PREPARED_INFO_FILE
 
 
 @dataclass
@@ -81,8 +84,9 @@ def choose_num_shards(num_samples: int, total_bytes: int) -> int:
 
 
 def check_hub_access(token: str | None = None) -> str:
-    """Fail at once, with a clear message, when the Hub cannot be written to. Returns the token."""
-    from huggingface_hub import get_token
+    """Fail at once, with a clear message, when the Hub cannot be written to: offline mode, no token, or a token
+    the Hub rejects (checked with one ``whoami`` call, before any work). Returns the token."""
+    from huggingface_hub import HfApi, get_token
 
     if hub_offline():
         raise ConnectionError(
@@ -93,7 +97,35 @@ def check_hub_access(token: str | None = None) -> str:
         raise PermissionError(
             "cannot push to the Hub: no token found. Run `hf auth login` or set HF_TOKEN (a write token)."
         )
+    try:
+        HfApi(token=token).whoami()
+    except Exception as error:
+        raise _push_error(error) from error
     return token
+
+
+def _push_error(error: Exception, repo_id: str | None = None) -> Exception:
+    """One line for a failed push: a rejected token, a refused repo, an unreachable Hub."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    target = f"the Hub dataset {repo_id!r}" if repo_id else "the Hub"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, HfHubHTTPError) and status == 401:
+        return HubDatasetError(
+            f"cannot push to {target}: the Hub at {constants.ENDPOINT} rejected the token (401); set HF_TOKEN to a "
+            "write token or run `hf auth login`"
+        )
+    if isinstance(error, HfHubHTTPError) and status in (403, 404):
+        return HubDatasetError(
+            f"cannot push to {target}: the Hub refused ({status}: {error.server_message or 'forbidden'}); is the "
+            "namespace yours and the token a write token?"
+        )
+    if isinstance(error, (http_error_class(), ConnectionError)) and not isinstance(error, HfHubHTTPError):
+        return ConnectionError(
+            f"cannot push to {target}: cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {error})"
+        )
+    return error
 
 
 def _write_shard(path: Path, rows_iter, schema) -> int:
@@ -122,7 +154,7 @@ def prepare_dataset(
     split: str | None = None,
     on_bad_sample: str = "raise",
     push_to_hub: str | None = None,
-    private: bool = False,
+    private: bool = True,
     token: str | None = None,
     num_proc: int | None = None,
     progress: bool = True,
@@ -138,7 +170,7 @@ def prepare_dataset(
         split: output split name; for Cityscapes also the folder read (default "train"; "val", "test").
         on_bad_sample: "raise" (default) or "skip" (bad pairs are listed in the card).
         push_to_hub: a dataset repo id to upload the folder to (checked before any work).
-        private: create the Hub repo private.
+        private: create the Hub repo private (default: the datasets' licences forbid public redistribution).
     """
     if kind not in DOWNLOADS:
         raise ValueError(f"unknown dataset {kind!r}; expected one of {sorted(DOWNLOADS)}")
@@ -165,7 +197,10 @@ def prepare_dataset(
     output_dir = Path(output_dir)
     data_dir_out = output_dir / "data"
     data_dir_out.mkdir(parents=True, exist_ok=True)
-    for stale in data_dir_out.glob(f"{split}-*.parquet"):
+    for stale in [
+        *data_dir_out.glob(f"{split}-*.parquet"),
+        *data_dir_out.glob(f".{split}-*.parquet.partial"),
+    ]:
         stale.unlink()
     schema = dataset_features().arrow_schema
     lut, known = _label_lut(kind, num_classes)
@@ -197,12 +232,16 @@ def prepare_dataset(
                 "name": converted.name,
             }
 
+    # Shards are written under a hidden name and renamed once all are written: an interrupted preparation leaves
+    # no shard of the split, never a subset that would read as a smaller dataset (load_prepared checks too).
     shard_files = []
     bounds = np.linspace(0, len(kept), num_shards + 1).round().astype(int)
     for shard in range(num_shards):
         path = data_dir_out / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
-        _write_shard(path, rows(int(bounds[shard + 1] - bounds[shard])), schema)
+        _write_shard(_partial(path), rows(int(bounds[shard + 1] - bounds[shard])), schema)
         shard_files.append(path)
+    for path in shard_files:
+        os.replace(_partial(path), path)
 
     report = DataReport(kind, str(data_dir), split, num_classes, num_found=len(pairs))
     report.skipped, report.num_kept = totals.bad, totals.kept
@@ -213,6 +252,11 @@ def prepare_dataset(
     if push_to_hub:
         result.url = push_prepared(output_dir, push_to_hub, private=private, token=token)
     return result
+
+
+def _partial(path: Path) -> Path:
+    """Where a shard is written before it is renamed into place (hidden: never uploaded, never globbed)."""
+    return path.with_name(f".{path.name}.partial")
 
 
 def _update_info(output_dir: Path, split: str, report: DataReport, num_shards: int, kind: str) -> dict:
@@ -298,17 +342,28 @@ def render_card(info: dict) -> str:
     return "\n".join(lines)
 
 
-def push_prepared(output_dir, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create (if needed) the Hub dataset repo and upload the prepared folder. Returns the repo URL."""
+def push_prepared(output_dir, repo_id: str, private: bool = True, token: str | None = None) -> str:
+    """Create (if needed) the Hub dataset repo and upload the prepared folder in one commit. Returns the repo URL.
+
+    The repo is private unless ``private=False``: the datasets' licences forbid public redistribution (the card
+    says so). The commit replaces the repo's shards by the folder's: a shard in the repo that the folder does not
+    hold (a split prepared again with another shard count) is deleted in the same commit, so a split never reads
+    two preparations at once. One commit is atomic: an interrupted push leaves the repo as it was.
+    """
     from huggingface_hub import HfApi
 
     token = check_hub_access(token)
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(
-        folder_path=str(output_dir),
-        repo_id=repo_id,
-        repo_type="dataset",
-        commit_message="Add dataset prepared by cpsl-hf scripts/prepare_dataset.py",
-    )
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(output_dir),
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message="Add dataset prepared by cpsl-hf scripts/prepare_dataset.py",
+            allow_patterns=["README.md", INFO_FILE, "data/*.parquet"],
+            delete_patterns=["data/*.parquet"],
+        )
+    except Exception as error:
+        raise _push_error(error, repo_id) from error
     return str(url)
