@@ -30,7 +30,7 @@ with one, both with ``X-Error-Code: RepoNotFound``; a missing revision or file i
 ``EntryNotFound``.
 
 Every request is recorded in ``requests`` as ``(method, path)``, every file served in ``served`` as ``(method,
-path, range header, bytes sent)``; anything else is answered 404 and recorded in ``unexpected``. ``stall_on``, a
+path, range header, bytes sent)`` (only the range is read from disk); anything else is answered 404 and recorded in ``unexpected``. ``stall_on``, a
 predicate of ``(method, path)``, holds a matching request unanswered until ``release`` is set (``stalled`` is set
 once it arrives), then drops the connection: a test kills the client meanwhile, as a user interrupts an upload.
 Xet storage is not implemented: with ``hf_xet`` installed the client only needs it for files the server marks
@@ -45,6 +45,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +73,15 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client that closes a connection early (a stream stopped mid-file, a killed upload) is normal."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class LocalHub:
     """Serve on ``127.0.0.1`` (random port) from a thread; use as a context manager."""
 
@@ -85,12 +95,12 @@ class LocalHub:
         self.created: list[dict] = []
         self.commits: list[dict] = []
         self.repos: dict[tuple[str, str], _Repo] = {}
+        self._blob_ids: dict[tuple[str, int, int], str] = {}
         self.stall_on: Callable[[str, str], bool] | None = None
         self.stalled = threading.Event()
         self.release = threading.Event()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -102,6 +112,15 @@ class LocalHub:
 
     def blob_path(self, oid: str) -> Path:
         return self.root / "lfs" / oid
+
+    def blob_id(self, path: Path) -> str:
+        """:func:`git_blob_id` of a stored file, computed once per version of it."""
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key not in self._blob_ids:
+                self._blob_ids[key] = git_blob_id(path.read_bytes())
+            return self._blob_ids[key]
 
     def bytes_served(self, path_contains: str = "") -> int:
         """Total file bytes sent by the resolve route (to paths containing ``path_contains``)."""
@@ -433,10 +452,10 @@ def _make_handler(hub: LocalHub):
                 tree_id = hashlib.sha1(relpath.encode() + repo.sha.encode()).hexdigest()
                 entry = {"type": "directory", "oid": tree_id, "size": 0, "path": relpath}
             else:
-                data = target.read_bytes()
-                entry = {"type": "file", "oid": git_blob_id(data), "size": len(data), "path": relpath}
+                size = target.stat().st_size
+                entry = {"type": "file", "oid": hub.blob_id(target), "size": size, "path": relpath}
                 if relpath in repo.lfs:
-                    entry["lfs"] = {"oid": repo.lfs[relpath], "size": len(data), "pointerSize": 134}
+                    entry["lfs"] = {"oid": repo.lfs[relpath], "size": size, "pointerSize": 134}
             if expand:
                 entry["lastCommit"] = {
                     "id": repo.sha,
@@ -496,43 +515,46 @@ def _make_handler(hub: LocalHub):
             if not target.is_file():
                 self._error(404, "EntryNotFound", f"{relpath} does not exist on main")
                 return
-            data = target.read_bytes()
-            etag = repo.lfs.get(relpath) or git_blob_id(data)
+            size = target.stat().st_size
+            etag = repo.lfs.get(relpath) or hub.blob_id(target)
             headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repo.sha, "Accept-Ranges": "bytes"}
             requested = self.headers.get("Range")
-            status, start, end = 200, 0, len(data)
+            status, start, end = 200, 0, size
             if requested:
                 match = _RANGE.match(requested.strip())
                 first, last = (match.group(1), match.group(2)) if match else ("", "")
                 if match and first == "" and last:  # bytes=-N: the last N bytes
-                    start, end = max(len(data) - int(last), 0), len(data)
+                    start, end = max(size - int(last), 0), size
                 elif match and first:
-                    start, end = int(first), min(int(last) + 1 if last else len(data), len(data))
-                if not match or start >= len(data) or start >= end:
+                    start, end = int(first), min(int(last) + 1 if last else size, size)
+                if not match or start >= size or start >= end:
                     self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Range", f"bytes */{size}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 status = 206
-                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-            chunk = data[start:end]
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(chunk)))
+            self.send_header("Content-Length", str(end - start))
             for key, value in headers.items():
                 self.send_header(key, value)
             self.end_headers()
-            if method == "GET":
-                self.wfile.write(chunk)
-            with hub._lock:
-                hub.served.append(
-                    (
-                        method,
-                        unquote(urlsplit(self.path).path),
-                        requested,
-                        len(chunk) if method == "GET" else 0,
-                    )
-                )
+            sent = 0
+            if method == "GET":  # only the range is read, in 1 MiB pieces; a client may hang up early
+                with open(target, "rb") as handle:
+                    handle.seek(start)
+                    try:
+                        while sent < end - start:
+                            piece = handle.read(min(2**20, end - start - sent))
+                            self.wfile.write(piece)
+                            sent += len(piece)
+                    finally:
+                        with hub._lock:
+                            hub.served.append((method, unquote(urlsplit(self.path).path), requested, sent))
+            else:
+                with hub._lock:
+                    hub.served.append((method, unquote(urlsplit(self.path).path), requested, 0))
 
     return Handler

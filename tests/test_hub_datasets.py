@@ -22,6 +22,7 @@ from cityscapesscripts.helpers.labels import labels as cityscapes_labels
 from hub_server import LocalHub
 from huggingface_hub import constants as hub_constants
 from PIL import Image
+from test_readme_workflow import filled, readme_command
 
 from cpsl_hf.data import testing
 
@@ -102,10 +103,19 @@ def gta5(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed(hub, gta5, tmp_path_factory):
-    """``scripts/prepare_dataset.py gta5 ... --num_shards 4 --push_to_hub tester/gta5-cpsl`` (private by default)."""
+    """The README's ``scripts/prepare_dataset.py gta5 ... --push_to_hub USER/gta5-cpsl`` (+ ``--num_shards 4``)."""
     root = tmp_path_factory.mktemp("pushed")
     env = client_env(hub, root / "hf_home")
-    process = push(hub, env, gta5[0], root / "gta5-parquet", REPO_ID, "--num_shards", str(NUM_SHARDS))
+    command = readme_command("python", "scripts/prepare_dataset.py")  # the README's, placeholders filled in
+    places = {
+        "/data/gta5": str(gta5[0]),
+        "/data/gta5-parquet": str(root / "gta5-parquet"),
+        "USER/gta5-cpsl": REPO_ID,
+    }
+    command = [sys.executable, *filled(command, places)[1:], "--num_shards", str(NUM_SHARDS)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     stdout, stderr = process.communicate(timeout=180)
     assert process.returncode == 0, stderr
     return {"folder": root / "gta5-parquet", "stdout": stdout, "requests": list(hub.requests)}
@@ -148,6 +158,21 @@ def test_a_second_push_with_other_shards_replaces_the_old_ones(hub, gta5, tmp_pa
     assert data == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     last = [commit for commit in hub.commits if commit["repo_id"] == repo_id][-1]
     assert last["deleted"] == [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)]
+
+
+def test_a_rejected_token_stops_the_push_before_any_work(hub, gta5, tmp_path):
+    process = push(
+        hub, client_env(hub, tmp_path / "hf_home", "hf_wrong"), gta5[0], tmp_path / "out", "tester/gta5-x"
+    )
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 2
+    assert stderr.strip().splitlines() == [
+        f"error: cannot push to the Hub: the Hub at {hub.endpoint} rejected the token (401); set HF_TOKEN to a "
+        "write token or run `hf auth login`"
+    ]
+    assert not (tmp_path / "out").exists() and all(
+        entry["repo_id"] != "tester/gta5-x" for entry in hub.created
+    )
 
 
 # --------------------------------------------------------------------------------------------------- read
@@ -209,9 +234,9 @@ LOAD_CASES = """
     from cpsl_hf.utils import UsageError
 
     results = []
-    for repo_id, split, token in json.loads(sys.argv[1]):
+    for repo_id, split, token, num_classes in json.loads(sys.argv[1]):
         try:
-            loaded = load_prepared(repo_id, split, token=token)
+            loaded = load_prepared(repo_id, split, token=token, num_classes=num_classes)
             results.append({"loaded": sorted(row["name"] for row in loaded)})
         except (UsageError, OSError, ValueError) as error:
             status = EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
@@ -229,10 +254,10 @@ def load_cases(
 
 
 def test_wrong_token_missing_repo_and_missing_split_each_give_one_clear_line(hub, pushed, tmp_path):
-    wrong, no_token, missing, no_split = load_cases(
+    wrong, no_token, missing, no_split, protocol = load_cases(
         hub, tmp_path / "hf_home",
-        [(REPO_ID, "train", "hf_wrong"), (REPO_ID, "train", None), ("tester/nothing-here", "train", TOKEN),
-         (REPO_ID, "val", TOKEN)],
+        [(REPO_ID, "train", "hf_wrong", None), (REPO_ID, "train", None, None),
+         ("tester/nothing-here", "train", TOKEN, None), (REPO_ID, "val", TOKEN, None), (REPO_ID, "train", TOKEN, 16)],
     )  # fmt: skip
     assert wrong == {
         "error": f"error: Hub dataset '{REPO_ID}': the Hub rejected the token (401); set HF_TOKEN to a valid "
@@ -247,7 +272,10 @@ def test_wrong_token_missing_repo_and_missing_split_each_give_one_clear_line(hub
     assert no_split["type"] == "LayoutError" and no_split["status"] == 2
     assert f"Hub dataset {REPO_ID} (commit" in no_split["error"]
     assert "no parquet shards for split 'val' (splits found: train)" in no_split["error"]
-    for case in (wrong, no_token, missing, no_split):
+    assert protocol["type"] == "UsageError" and protocol["status"] == 2
+    assert "--num_classes 16 disagrees with Hub dataset tester/gta5-cpsl (commit" in protocol["error"]
+    assert "prepared with the 19-class protocol" in protocol["error"]
+    for case in (wrong, no_token, missing, no_split, protocol):
         assert "\n" not in case["error"]
 
 
@@ -310,7 +338,7 @@ def test_an_interrupted_upload_leaves_no_dataset_that_loads_as_complete(
     stopped, partial = load_cases(
         hub,
         tmp_path / "hf_home",
-        [("tester/gta5-stop", "train", None), ("tester/gta5-part", "train", None)],
+        [("tester/gta5-stop", "train", None, None), ("tester/gta5-part", "train", None, None)],
         TOKEN,
     )
     assert stopped["type"] == "LayoutError"
@@ -325,7 +353,7 @@ def test_an_interrupted_upload_leaves_no_dataset_that_loads_as_complete(
 
     again = push(hub, env, gta5[0], tmp_path / "stop", "tester/gta5-stop", "--num_shards", str(NUM_SHARDS))
     assert again.wait(timeout=180) == 0, again.stderr.read()
-    (loaded,) = load_cases(hub, tmp_path / "hf_home", [("tester/gta5-stop", "train", None)], TOKEN)
+    (loaded,) = load_cases(hub, tmp_path / "hf_home", [("tester/gta5-stop", "train", None, None)], TOKEN)
     assert loaded == {"loaded": sorted(gta5[1])}
     assert hub.unexpected == []
 
