@@ -9,9 +9,11 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -277,6 +279,21 @@ def test_wrong_token_missing_repo_and_missing_split_each_give_one_clear_line(hub
     assert "prepared with the 19-class protocol" in protocol["error"]
     for case in (wrong, no_token, missing, no_split, protocol):
         assert "\n" not in case["error"]
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(hub, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**client_env(hub, tmp_path / "hf_home"), "HF_ENDPOINT": endpoint}
+    start = time.monotonic()
+    result = run_python(LOAD_CASES, env, json.dumps([(REPO_ID, "train", None, None)]))
+    assert time.monotonic() - start < 30
+    (case,) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert case["type"] == "ConnectionError" and case["status"] == 1
+    assert case["error"].startswith(
+        f"error: cannot reach the Hugging Face Hub at {endpoint} to read '{REPO_ID}' ("
+    )
 
 
 def test_trainer_reports_a_rejected_token_in_one_line(hub, pushed, tmp_path):

@@ -100,7 +100,7 @@ def check_hub_access(token: str | None = None) -> str:
     try:
         HfApi(token=token).whoami()
     except Exception as error:
-        raise _push_error(error) from error
+        _reraise(_push_error(error), error)
     return token
 
 
@@ -126,6 +126,13 @@ def _push_error(error: Exception, repo_id: str | None = None) -> Exception:
             f"cannot push to {target}: cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {error})"
         )
     return error
+
+
+def _reraise(converted: Exception, error: Exception):
+    """Raise ``converted`` (the one-line form of ``error``), or ``error`` itself when it has none."""
+    if converted is error:
+        raise error
+    raise converted from error
 
 
 def _write_shard(path: Path, rows_iter, schema) -> int:
@@ -365,5 +372,5 @@ def push_prepared(output_dir, repo_id: str, private: bool = True, token: str | N
             delete_patterns=["data/*.parquet"],
         )
     except Exception as error:
-        raise _push_error(error, repo_id) from error
+        _reraise(_push_error(error, repo_id), error)
     return str(url)

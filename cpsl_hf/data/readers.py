@@ -848,7 +848,7 @@ def _hub_error(repo_id: str, error: Exception) -> Exception:
             f"Hub dataset {repo_id!r}: the Hub rejected the token ({status}); set HF_TOKEN to a valid token or run "
             "`hf auth login`"
         )
-    if isinstance(error, HfHubHTTPError):
+    if isinstance(error, HfHubHTTPError) or not isinstance(error, (http_error_class(), ConnectionError)):
         return error
     return ConnectionError(
         f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to read {repo_id!r} "
@@ -871,7 +871,10 @@ def _prepared_hub(repo_id: str, split: str, token: str | None) -> PreparedShards
             path = api.hf_hub_download(repo_id, PREPARED_INFO_FILE, repo_type="dataset", revision=repo.sha)
             info = json.loads(Path(path).read_text())
     except (http_error_class(), OSError) as error:
-        raise _hub_error(repo_id, error) from error
+        converted = _hub_error(repo_id, error)
+        if converted is error:
+            raise
+        raise converted from error
     where = f"Hub dataset {repo_id} (commit {repo.sha[:8]})"
     shards = check_shards(
         [name[len("data/") :] for name in names if name.startswith("data/")], split, where, info
