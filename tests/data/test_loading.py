@@ -108,6 +108,33 @@ def test_push_needs_a_token_before_any_work(tmp_path, gta5_dir, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_interrupted_preparation_or_copy_never_loads_as_a_smaller_dataset(tmp_path, gta5_dir, monkeypatch):
+    folder = tmp_path / "out"
+    prepare.prepare_dataset("gta5", gta5_dir, folder, num_shards=4, progress=False)
+    written = prepare._write_shard
+
+    def fail_on_the_third(path, rows, schema):
+        if "-00002-of-" in path.name:
+            raise KeyboardInterrupt  # the user stops the preparation of the split again
+        return written(path, rows, schema)
+
+    monkeypatch.setattr(prepare, "_write_shard", fail_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset("gta5", gta5_dir, folder, num_shards=4, progress=False)
+    assert sorted(path.name for path in (folder / "data").glob("*.parquet")) == []  # none visible, old or new
+    with pytest.raises(readers.LayoutError, match="no parquet shards for split 'train'"):
+        readers.load_prepared(folder, "train")
+
+    monkeypatch.setattr(prepare, "_write_shard", written)
+    prepare.prepare_dataset("gta5", gta5_dir, folder, num_shards=4, progress=False)
+    assert sorted(path.name for path in (folder / "data").iterdir()) == [
+        f"train-{i:05d}-of-00004.parquet" for i in range(4)
+    ]  # the hidden partial files of the stopped run are gone too
+    (folder / "data" / "train-00001-of-00004.parquet").unlink()  # a copy that lost a file
+    with pytest.raises(readers.LayoutError, match=r"1 of its 4 shards are missing \(train-00001-of-00004"):
+        readers.load_prepared(folder, "train")
+
+
 def test_choose_num_shards_is_a_power_of_two():
     assert prepare.choose_num_shards(5, 10) == 4
     assert prepare.choose_num_shards(25_000, 60 * 2**30) == 128
