@@ -150,7 +150,8 @@ def test_push_lands_the_prepared_folder_in_a_private_dataset_repo(hub, pushed, g
 
 def test_a_second_push_with_other_shards_replaces_the_old_ones(hub, gta5, tmp_path):
     """Preparing a split again with another shard count and pushing it deletes the old shards in the same
-    commit: the repo never holds two preparations of one split (their samples would be read twice)."""
+    commit: the repo never holds two preparations of one split (their samples would be read twice). A push of
+    another split leaves the first one's shards alone."""
     env = client_env(hub, tmp_path / "hf_home")
     repo_id = "tester/gta5-reshard"
     for shards in ("4", "2"):
@@ -160,6 +161,15 @@ def test_a_second_push_with_other_shards_replaces_the_old_ones(hub, gta5, tmp_pa
     assert data == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     last = [commit for commit in hub.commits if commit["repo_id"] == repo_id][-1]
     assert last["deleted"] == [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)]
+    # another split, prepared in another folder: the train shards stay
+    process = push(hub, env, gta5[0], tmp_path / "val", repo_id, "--split", "val", "--num_shards", "1")
+    assert process.wait(timeout=180) == 0, process.stderr.read()
+    data = sorted(path.name for path in (hub.repo_dir(repo_id, "dataset") / "data").iterdir())
+    assert data == [
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+        "val-00000-of-00001.parquet",
+    ]
 
 
 def test_a_rejected_token_stops_the_push_before_any_work(hub, gta5, tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpsl_hf.utils import UsageError
+from cpsl_hf.utils import MissingPathError, UsageError
 from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
@@ -353,12 +353,19 @@ def push_prepared(output_dir, repo_id: str, private: bool = True, token: str | N
     """Create (if needed) the Hub dataset repo and upload the prepared folder in one commit. Returns the repo URL.
 
     The repo is private unless ``private=False``: the datasets' licences forbid public redistribution (the card
-    says so). The commit replaces the repo's shards by the folder's: a shard in the repo that the folder does not
-    hold (a split prepared again with another shard count) is deleted in the same commit, so a split never reads
-    two preparations at once. One commit is atomic: an interrupted push leaves the repo as it was.
+    says so). The commit replaces the shards of the folder's splits: a shard of such a split that the folder does
+    not hold (the split prepared again with another shard count) is deleted in the same commit, so a split never
+    reads two preparations at once; other splits already in the repo are left alone. One commit is atomic: an
+    interrupted push leaves the repo as it was.
     """
     from huggingface_hub import HfApi
 
+    info_path = Path(output_dir) / INFO_FILE
+    if not info_path.is_file():
+        raise MissingPathError(
+            f"{output_dir}: no {INFO_FILE}; not a folder written by scripts/prepare_dataset.py"
+        )
+    splits = sorted(json.loads(info_path.read_text())["splits"])
     token = check_hub_access(token)
     api = HfApi(token=token)
     try:
@@ -369,7 +376,7 @@ def push_prepared(output_dir, repo_id: str, private: bool = True, token: str | N
             repo_type="dataset",
             commit_message="Add dataset prepared by cpsl-hf scripts/prepare_dataset.py",
             allow_patterns=["README.md", INFO_FILE, "data/*.parquet"],
-            delete_patterns=["data/*.parquet"],
+            delete_patterns=[f"data/{split}-*.parquet" for split in splits],
         )
     except Exception as error:
         _reraise(_push_error(error, repo_id), error)
