@@ -9,7 +9,12 @@ Output folder (also the layout of the Hub dataset repo when pushed)::
 
 The number of shards K is a power of two, so any power-of-two number of processes splits them evenly
 (``split_dataset_by_node`` then assigns whole shards). Read it back with
-:func:`cpsl_hf.data.load_prepared`.
+:func:`cpsl_hf.data.load_prepared`, which refuses a split whose shards are not all there.
+
+A split's shards are written under hidden names and renamed into place once all are written, so a stopped
+preparation leaves none. :func:`push_prepared` uploads the folder in one commit (all files or none) to a dataset
+repo that is private unless asked otherwise (the datasets' licences forbid public redistribution; the card says
+so), deleting in the same commit the shards of the pushed splits that the folder no longer holds.
 """
 
 from __future__ import annotations
