@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import sys
 
@@ -130,6 +131,12 @@ def test_an_interrupted_preparation_or_copy_never_loads_as_a_smaller_dataset(tmp
     assert sorted(path.name for path in (folder / "data").iterdir()) == [
         f"train-{i:05d}-of-00004.parquet" for i in range(4)
     ]  # the hidden partial files of the stopped run are gone too
+    other = tmp_path / "other"
+    prepare.prepare_dataset("gta5", gta5_dir, other, num_shards=2, progress=False)
+    shutil.copy(other / "data" / "train-00000-of-00002.parquet", folder / "data")  # two preparations mixed
+    with pytest.raises(readers.LayoutError, match=r"another preparation are mixed in \(train-00000-of-00002"):
+        readers.load_prepared(folder, "train")
+    (folder / "data" / "train-00000-of-00002.parquet").unlink()
     (folder / "data" / "train-00001-of-00004.parquet").unlink()  # a copy that lost a file
     with pytest.raises(readers.LayoutError, match=r"1 of its 4 shards are missing \(train-00001-of-00004"):
         readers.load_prepared(folder, "train")
