@@ -9,12 +9,24 @@ the official layout, then measures, in one process with one torch thread (= one 
   local folder (map-style reader) and from the prepared parquet (streaming).
 
     python bench/bench_data.py [--num_images 6] [--crop 512 512] [--batches 6]
+    python bench/bench_data.py --hub [--hub_images 40]     # streaming from a loopback Hub instead (issue 17)
+
+``--hub``: a GTA5-size prepared split (one shard, row groups of 32) is pushed to the loopback Hub of
+``tests/hub_server.py`` through the real client, then read back with ``--streaming``'s code path in a fresh
+process (``HF_ENDPOINT`` pointing at it, as a user's run): samples/s through the training loader (decode only,
+one epoch including the shuffle buffer's fill) from the Hub and from the local parquet folder, and the bytes the
+Hub served per sample read, for a whole epoch and for the first 8 samples only (range requests: a partial read
+fetches the row groups it needs, not the shard).
 
 Generated images are smooth random fields plus noise (they compress like photos, within a factor ~2);
 labels are blocky random ids. Numbers are for this machine and this CPU load; compare rows, not machines.
 """
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +38,7 @@ from PIL import Image
 from cpsl_hf.data import loading, prepare, readers, testing, transforms
 from cpsl_hf.data.registry import load_dataset
 
+REPO = Path(__file__).resolve().parents[1]
 SIZES = {"gta5": (1052, 1914), "synthia": (760, 1280), "cityscapes": (1024, 2048)}
 
 
@@ -83,6 +96,105 @@ def loader_rate(dataset, batches: int, augment: str, crop: tuple[int, int]) -> f
     return batches / (time.perf_counter() - start)
 
 
+def stream_worker(source: str, phase: str, count: int) -> None:
+    """(In a fresh process with HF_ENDPOINT set.) ``epoch``: one epoch of the training loader from ``source``
+    (batch 1, decode only); ``first8``: the first 8 raw rows of the stream. Prints ``{"samples", "open", "seconds"}``: the
+    time ``load_prepared`` took (listing, checks), then the time reading took."""
+    import itertools
+
+    import datasets
+
+    torch.set_num_threads(1)
+    if (
+        phase == "epoch"
+    ):  # a stream left mid-file keeps datasets' guard against an Arrow crash at exit (#45214)
+        datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    dataset = readers.load_prepared(source, "train", streaming=True)
+    opened = time.perf_counter()
+    if phase == "first8":
+        rows = iter(dataset)
+        count = sum(1 for _ in itertools.islice(rows, 8))
+        rows.close()  # stop the stream mid-shard, as a run that ends does
+    else:
+        loader = loading.build_train_loader(dataset, batch_size=1, seed=0)
+        for _ in range(count):  # one epoch exactly: a step more would refill the shuffle buffer (epoch 2)
+            next(loader)
+    end = time.perf_counter()
+    print(json.dumps({"samples": count, "open": opened - start, "seconds": end - opened}), flush=True)
+    # A parquet stream left mid-file can abort the interpreter's exit (apache/arrow#45214, pyarrow 26 too; seen
+    # here about once in ten exits): the measurement is printed, so skip the finalisation.
+    os._exit(0)
+
+
+def hub_table(num_images: int) -> None:
+    """Push a GTA5-size split to the loopback Hub, stream it back from a fresh process, print the table."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from hub_server import LocalHub
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalHub(Path(tmp) / "hub", lfs_patterns=("*.parquet",)) as hub,
+    ):
+        tmp = Path(tmp)
+        root = write_download("gta5", tmp / "gta5", num_images)
+        env = {
+            **os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp / "hf_home"), "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "prepare_dataset.py"), "gta5", "--data_dir", str(root),
+             "--output_dir", str(tmp / "parquet"), "--num_shards", "1", "--push_to_hub", "tester/gta5-bench"],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        shard = next((tmp / "parquet" / "data").glob("*.parquet"))
+        stored = shard.stat().st_size / num_images
+        rows = []
+        for label, source in (
+            ("local parquet folder", str(tmp / "parquet")),
+            ("loopback Hub", "tester/gta5-bench"),
+        ):
+            cells = {}
+            for phase in ("epoch", "first8"):
+                hub.served.clear()
+                hub.requests.clear()
+                result = subprocess.run(
+                    [sys.executable, __file__, "--_stream_worker", source, phase, str(num_images)],
+                    env=env, check=True, capture_output=True, text=True,
+                )  # fmt: skip
+                measured = json.loads(result.stdout.strip().splitlines()[-1])
+                gets = [entry for entry in hub.served if entry[0] == "GET" and entry[1].endswith(".parquet")]
+                served = sum(entry[3] for entry in gets)
+                cells[phase] = (measured, served, len(gets))
+            (epoch, epoch_bytes, epoch_gets), (first, first_bytes, first_gets) = (
+                cells["epoch"],
+                cells["first8"],
+            )
+            remote = source == "tester/gta5-bench"
+            rows.append(
+                (
+                    label,
+                    f"{epoch['open']:.2f}",
+                    f"{epoch['samples'] / epoch['seconds']:.2f}",
+                    f"{epoch_bytes / epoch['samples'] / 2**20:.2f} ({epoch_gets} GETs)" if remote else "-",
+                    f"{first_bytes / first['samples'] / 2**20:.2f} ({first_gets} GETs)" if remote else "-",
+                )
+            )
+    print(
+        f"\nGTA5 1914x1052, {num_images} samples in 1 shard (row groups of 32), stored "
+        f"{stored / 2**20:.2f} MiB/sample; 1 process, 1 torch thread, batch 1, decode only\n"
+    )
+    print(
+        "| read from | load_prepared (s) | samples/s, one epoch | MiB served per sample, epoch "
+        "| MiB served per sample, first 8 only |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,7 +202,17 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=6)
     parser.add_argument("--batches", type=int, default=6, help="timed samples per measurement")
     parser.add_argument("--crop", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    parser.add_argument("--hub", action="store_true", help="measure streaming from a loopback Hub instead")
+    parser.add_argument("--hub_images", type=int, default=40, help="--hub: GTA5-size samples pushed")
+    parser.add_argument("--_stream_worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._stream_worker:
+        source, phase, count = args._stream_worker
+        stream_worker(source, phase, int(count))
+        return
+    if args.hub:
+        hub_table(args.hub_images)
+        return
     torch.set_num_threads(1)
     import datasets
 

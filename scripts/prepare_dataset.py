@@ -3,7 +3,7 @@
     python scripts/prepare_dataset.py gta5 --data_dir /data/gta5 --output_dir /data/gta5-prepared
     python scripts/prepare_dataset.py cityscapes --data_dir /data/cityscapes --output_dir out --split val
     python scripts/prepare_dataset.py synthia --data_dir /data/RAND_CITYSCAPES --output_dir out \\
-        --push_to_hub me/synthia-cpsl --private
+        --push_to_hub me/synthia-cpsl      # a private dataset repo (--public only if the licence allows)
     python scripts/prepare_dataset.py folder --data_dir /data/potsdam --class_table classes.yaml --output_dir out
 """
 
@@ -37,7 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--on_bad_sample", choices=("raise", "skip"), default="raise")
     parser.add_argument("--num_proc", type=int, default=None, help="processes for checking and converting")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="upload to this dataset repo")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    visibility = parser.add_mutually_exclusive_group()
+    visibility.add_argument(
+        "--private", dest="private", action="store_true", default=True,
+        help="create the Hub repo private (the default: the datasets' licences forbid public redistribution)",
+    )  # fmt: skip
+    visibility.add_argument(
+        "--public", dest="private", action="store_false",
+        help="create the Hub repo public (only if the dataset's licence allows redistribution)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 

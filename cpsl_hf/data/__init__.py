@@ -54,6 +54,7 @@ _EXPORTS = {
     "BadSample": "readers",
     "DataReport": "readers",
     "LayoutError": "readers",
+    "HubDatasetError": "readers",
     "prepare_dataset": "prepare",
     "EndlessLoader": "loading",
     # the built-in synthetic domain shift

@@ -593,7 +593,7 @@ def prepare_folder(
     split: str | None = None,
     on_bad_sample: Literal["raise", "skip"] = "raise",
     push_to_hub: str | None = None,
-    private: bool = False,
+    private: bool = True,
     token: str | None = None,
     progress: bool = True,
 ):
@@ -626,11 +626,6 @@ def prepare_folder(
     elif num_shards > len(raw):
         raise UsageError(f"--num_shards {num_shards}: more than the {len(raw)} samples to write")
     output_dir = Path(output_dir)
-    data_out = output_dir / "data"
-    data_out.mkdir(parents=True, exist_ok=True)
-    for stale in data_out.glob(f"{split}-*.parquet"):
-        stale.unlink()
-    schema = dataset_features().arrow_schema
 
     def rows(start: int, stop: int):
         for row in raw.select(range(start, stop)):
@@ -643,12 +638,7 @@ def prepare_folder(
                 "name": row["name"],
             }
 
-    bounds = np.linspace(0, len(raw), num_shards + 1).round().astype(int)
-    shard_files = []
-    for shard in range(num_shards):
-        path = data_out / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
-        prepare._write_shard(path, rows(int(bounds[shard]), int(bounds[shard + 1])), schema)
-        shard_files.append(path)
+    shard_files = prepare.write_split_shards(output_dir, split, len(raw), num_shards, rows)
     report.split = split
     info = prepare._update_info(output_dir, split, report, num_shards, "folder")
     if info.get("class_names") not in (None, list(table.names)):

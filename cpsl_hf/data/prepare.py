@@ -9,7 +9,12 @@ Output folder (also the layout of the Hub dataset repo when pushed)::
 
 The number of shards K is a power of two, so any power-of-two number of processes splits them evenly
 (``split_dataset_by_node`` then assigns whole shards). Read it back with
-:func:`cpsl_hf.data.load_prepared`.
+:func:`cpsl_hf.data.load_prepared`, which refuses a split whose shards are not all there.
+
+A split's shards are written under hidden names and renamed into place once all are written, so a stopped
+preparation leaves none. :func:`push_prepared` uploads the folder in one commit (all files or none) to a dataset
+repo that is private unless asked otherwise (the datasets' licences forbid public redistribution; the card says
+so), deleting in the same commit the shards of the pushed splits that the folder no longer holds.
 """
 
 from __future__ import annotations
@@ -17,22 +22,26 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cpsl_hf.utils import UsageError
+from cpsl_hf.utils import MissingPathError, UsageError
 from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
 from .readers import (
+    PREPARED_INFO_FILE,
     BadSampleError,
     DataReport,
+    HubDatasetError,
     _Accumulator,
     _label_lut,
     check_pairs,
     dataset_features,
+    http_error_class,
     hub_offline,
     iter_converted,
     scan,
@@ -42,7 +51,7 @@ from .registry import DOWNLOADS, dataset_spec
 TARGET_SHARD_BYTES = 500 * 2**20
 MIN_SHARDS = 32  # when there are enough samples: lets up to 32 processes each read whole shards
 ROW_GROUP_SIZE = 32  # rows per parquet row group: the unit a streaming reader fetches
-INFO_FILE = "cpsl_prepare.json"
+INFO_FILE = PREPARED_INFO_FILE
 
 
 @dataclass
@@ -81,8 +90,9 @@ def choose_num_shards(num_samples: int, total_bytes: int) -> int:
 
 
 def check_hub_access(token: str | None = None) -> str:
-    """Fail at once, with a clear message, when the Hub cannot be written to. Returns the token."""
-    from huggingface_hub import get_token
+    """Fail at once, with a clear message, when the Hub cannot be written to: offline mode, no token, or a token
+    the Hub rejects (checked with one ``whoami`` call, before any work). Returns the token."""
+    from huggingface_hub import HfApi, get_token
 
     if hub_offline():
         raise ConnectionError(
@@ -93,7 +103,42 @@ def check_hub_access(token: str | None = None) -> str:
         raise PermissionError(
             "cannot push to the Hub: no token found. Run `hf auth login` or set HF_TOKEN (a write token)."
         )
+    try:
+        HfApi(token=token).whoami()
+    except Exception as error:
+        _reraise(_push_error(error), error)
     return token
+
+
+def _push_error(error: Exception, repo_id: str | None = None) -> Exception:
+    """One line for a failed push: a rejected token, a refused repo, an unreachable Hub."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    target = f"the Hub dataset {repo_id!r}" if repo_id else "the Hub"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, HfHubHTTPError) and status == 401:
+        return HubDatasetError(
+            f"cannot push to {target}: the Hub at {constants.ENDPOINT} rejected the token (401); set HF_TOKEN to a "
+            "write token or run `hf auth login`"
+        )
+    if isinstance(error, HfHubHTTPError) and status in (403, 404):
+        return HubDatasetError(
+            f"cannot push to {target}: the Hub refused ({status}: {error.server_message or 'forbidden'}); is the "
+            "namespace yours and the token a write token?"
+        )
+    if isinstance(error, (http_error_class(), ConnectionError)) and not isinstance(error, HfHubHTTPError):
+        return ConnectionError(
+            f"cannot push to {target}: cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {error})"
+        )
+    return error
+
+
+def _reraise(converted: Exception, error: Exception):
+    """Raise ``converted`` (the one-line form of ``error``), or ``error`` itself when it has none."""
+    if converted is error:
+        raise error
+    raise converted from error
 
 
 def _write_shard(path: Path, rows_iter, schema) -> int:
@@ -122,7 +167,7 @@ def prepare_dataset(
     split: str | None = None,
     on_bad_sample: str = "raise",
     push_to_hub: str | None = None,
-    private: bool = False,
+    private: bool = True,
     token: str | None = None,
     num_proc: int | None = None,
     progress: bool = True,
@@ -139,7 +184,7 @@ def prepare_dataset(
         split: output split name; for Cityscapes also the folder read (default "train"; "val", "test").
         on_bad_sample: "raise" (default) or "skip" (bad pairs are listed in the card).
         push_to_hub: a dataset repo id to upload the folder to (checked before any work).
-        private: create the Hub repo private.
+        private: create the Hub repo private (default: the datasets' licences forbid public redistribution).
         class_table: for ``kind="folder"`` (your own images and masks): the class table (a path or a
             :class:`~cpsl_hf.data.class_table.ClassTable`); see :func:`cpsl_hf.data.folder.prepare_folder`.
     """
@@ -187,11 +232,6 @@ def prepare_dataset(
         raise UsageError(f"--num_shards {num_shards}: more than the {len(kept)} samples to write")
 
     output_dir = Path(output_dir)
-    data_dir_out = output_dir / "data"
-    data_dir_out.mkdir(parents=True, exist_ok=True)
-    for stale in data_dir_out.glob(f"{split}-*.parquet"):
-        stale.unlink()
-    schema = dataset_features().arrow_schema
     lut, known = _label_lut(kind, num_classes)
     totals = _Accumulator(len(lut), known)
     totals.bad.extend(bad)
@@ -221,12 +261,9 @@ def prepare_dataset(
                 "name": converted.name,
             }
 
-    shard_files = []
-    bounds = np.linspace(0, len(kept), num_shards + 1).round().astype(int)
-    for shard in range(num_shards):
-        path = data_dir_out / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
-        _write_shard(path, rows(int(bounds[shard + 1] - bounds[shard])), schema)
-        shard_files.append(path)
+    shard_files = write_split_shards(
+        output_dir, split, len(kept), num_shards, lambda start, stop: rows(stop - start)
+    )
 
     report = DataReport(kind, str(data_dir), split, num_classes, num_found=len(pairs))
     report.skipped, report.num_kept = totals.bad, totals.kept
@@ -237,6 +274,39 @@ def prepare_dataset(
     if push_to_hub:
         result.url = push_prepared(output_dir, push_to_hub, private=private, token=token)
     return result
+
+
+def write_split_shards(
+    output_dir: Path,
+    split: str,
+    num_samples: int,
+    num_shards: int,
+    rows: Callable[[int, int], Iterable[dict]],
+) -> list[Path]:
+    """Write ``split`` as ``num_shards`` parquet shards ``output_dir/data/{split}-XXXXX-of-YYYYY.parquet`` of
+    consecutive, near-equal sample ranges; ``rows(start, stop)`` yields the rows of samples ``start .. stop - 1``
+    (in order). Earlier shards of the split are removed first. The shards are written under hidden names and
+    renamed once all are written, so an interrupted preparation leaves no shard of the split, never a subset that
+    would read as a smaller dataset (``load_prepared`` checks too). Returns the shard paths."""
+    data_out = Path(output_dir) / "data"
+    data_out.mkdir(parents=True, exist_ok=True)
+    for stale in [*data_out.glob(f"{split}-*.parquet"), *data_out.glob(f".{split}-*.parquet.partial")]:
+        stale.unlink()
+    schema = dataset_features().arrow_schema
+    shard_files = []
+    bounds = np.linspace(0, num_samples, num_shards + 1).round().astype(int)
+    for shard in range(num_shards):
+        path = data_out / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
+        _write_shard(_partial(path), rows(int(bounds[shard]), int(bounds[shard + 1])), schema)
+        shard_files.append(path)
+    for path in shard_files:
+        os.replace(_partial(path), path)
+    return shard_files
+
+
+def _partial(path: Path) -> Path:
+    """Where a shard is written before it is renamed into place (hidden: never uploaded, never globbed)."""
+    return path.with_name(f".{path.name}.partial")
 
 
 def _update_info(output_dir: Path, split: str, report: DataReport, num_shards: int, kind: str) -> dict:
@@ -258,6 +328,16 @@ def render_card(info: dict) -> str:
     kind, num_classes = info["dataset"], info["num_classes"]
     names = info.get("class_names") or protocols.class_names(num_classes)  # a folder's: its class table's
     source = dataset_spec(kind).long_name
+    if kind == "folder":
+        origin = "Converted from your own folder of images and masks, through its class table,"
+        licence = (
+            "The images' own license applies: keep this repository private unless it allows publication."
+        )
+    else:
+        origin = f"Converted from the official {source} download"
+        licence = (
+            f"The {source} license applies: do not make this repository public unless that license allows it."
+        )
     yaml_splits = "\n".join(
         f"  - split: {split}\n    path: data/{split}-*.parquet" for split in sorted(info["splits"])
     )
@@ -271,10 +351,8 @@ def render_card(info: dict) -> str:
         "",
         f"# {source}, prepared for cpsl-hf ({num_classes}-class protocol)",
         "",
-        f"Converted from the official {source} download by `scripts/prepare_dataset.py` of "
-        "cpsl-hf. The images are the original files, byte for byte; the labels are "
-        f"single-channel PNGs of protocol train ids (0..{num_classes - 1}, 255 = ignore). "
-        f"The {source} license applies: do not make this repository public unless that license allows it.",
+        f"{origin} by `scripts/prepare_dataset.py` of cpsl-hf. The images are the original files, byte for byte; "
+        f"the labels are single-channel PNGs of train ids (0..{num_classes - 1}, 255 = ignore). {licence}",
         "",
         "```python",
         "from cpsl_hf.data import load_prepared",
@@ -322,17 +400,35 @@ def render_card(info: dict) -> str:
     return "\n".join(lines)
 
 
-def push_prepared(output_dir, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create (if needed) the Hub dataset repo and upload the prepared folder. Returns the repo URL."""
+def push_prepared(output_dir, repo_id: str, private: bool = True, token: str | None = None) -> str:
+    """Create (if needed) the Hub dataset repo and upload the prepared folder in one commit. Returns the repo URL.
+
+    The repo is private unless ``private=False``: the datasets' licences forbid public redistribution (the card
+    says so). The commit replaces the shards of the folder's splits: a shard of such a split that the folder does
+    not hold (the split prepared again with another shard count) is deleted in the same commit, so a split never
+    reads two preparations at once; other splits already in the repo are left alone. One commit is atomic: an
+    interrupted push leaves the repo as it was.
+    """
     from huggingface_hub import HfApi
 
+    info_path = Path(output_dir) / INFO_FILE
+    if not info_path.is_file():
+        raise MissingPathError(
+            f"{output_dir}: no {INFO_FILE}; not a folder written by scripts/prepare_dataset.py"
+        )
+    splits = sorted(json.loads(info_path.read_text())["splits"])
     token = check_hub_access(token)
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(
-        folder_path=str(output_dir),
-        repo_id=repo_id,
-        repo_type="dataset",
-        commit_message="Add dataset prepared by cpsl-hf scripts/prepare_dataset.py",
-    )
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(output_dir),
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message="Add dataset prepared by cpsl-hf scripts/prepare_dataset.py",
+            allow_patterns=["README.md", INFO_FILE, "data/*.parquet"],
+            delete_patterns=[f"data/{split}-*.parquet" for split in splits],
+        )
+    except Exception as error:
+        _reraise(_push_error(error, repo_id), error)
     return str(url)

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from PIL import Image
 
-from cpsl_hf.utils import MissingPathError, atomic_directory
+from cpsl_hf.utils import MissingPathError, UsageError, atomic_directory
 from cpsl_hf.utils import progress as progress_bar
 
 from . import protocols
@@ -754,44 +755,206 @@ def hub_offline() -> bool:
     )
 
 
-def load_prepared(repo_id_or_dir, split: str = "train", streaming: bool = True, token: str | None = None):
+SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
+"""``{split}-{index:05d}-of-{count:05d}.parquet``: how ``scripts/prepare_dataset.py`` names a split's shards."""
+
+PREPARED_INFO_FILE = "cpsl_prepare.json"
+"""What ``prepare_dataset`` records beside the shards: dataset, protocol, and per split its shard count."""
+
+
+class HubDatasetError(UsageError):
+    """A Hub dataset repo that cannot be read: missing, private without a token that can read it, or a token the
+    Hub rejects. A usage error: the repo id or the token is wrong, and the message says which."""
+
+
+@dataclass(frozen=True)
+class PreparedShards:
+    """Where a prepared split's shards are: ``data_files`` (local paths, or ``hf://`` URLs pinned to the commit
+    read), the dataset's ``cpsl_prepare.json`` (``info``, None when absent) and ``where`` (for messages)."""
+
+    data_files: list[str]
+    info: dict | None
+    where: str
+    revision: str | None = None
+
+
+def check_shards(file_names, split: str, where: str, info: dict | None = None) -> list[str]:
+    """The shard file names of ``split`` among ``file_names`` (names under ``data/``), sorted, after checking
+    that the split is there and complete.
+
+    Complete means: every shard ``{split}-NNNNN-of-K`` for NNNNN in 0..K-1 is present, with one K, and K equals
+    the shard count ``cpsl_prepare.json`` recorded for the split (when ``info`` is given). An upload or a copy that
+    stopped midway leaves a split that fails this check instead of one that silently reads fewer samples.
+
+    Raises:
+        LayoutError: no shard of ``split`` (naming the splits found), or an incomplete / mixed shard set.
+    """
+    parsed = [(name, SHARD_NAME.match(name)) for name in file_names]
+    shards = sorted(name for name, match in parsed if match and match["split"] == split)
+    if not shards:
+        available = sorted({match["split"] for _, match in parsed if match})
+        raise LayoutError(
+            f"{where}: no parquet shards for split {split!r} (splits found: {', '.join(available) or 'none'}); "
+            "expected data/{split}-XXXXX-of-YYYYY.parquet as written by scripts/prepare_dataset.py"
+        )
+    counts = sorted({int(SHARD_NAME.match(name)["count"]) for name in shards})
+    recorded = ((info or {}).get("splits", {}).get(split) or {}).get("num_shards")
+    expected = recorded if recorded is not None else counts[-1]
+    present = {
+        int(SHARD_NAME.match(name)["index"])
+        for name in shards
+        if int(SHARD_NAME.match(name)["count"]) == expected
+    }
+    missing = [
+        f"{split}-{index:05d}-of-{expected:05d}.parquet" for index in range(expected) if index not in present
+    ]
+    stray = [name for name in shards if int(SHARD_NAME.match(name)["count"]) != expected]
+    if missing or stray:
+        problems = []
+        if missing:
+            listing = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            problems.append(f"{len(missing)} of its {expected} shards are missing ({listing})")
+        if stray:
+            problems.append(f"shards of another preparation are mixed in ({', '.join(stray[:3])})")
+        raise LayoutError(
+            f"{where}: split {split!r} is incomplete: {'; '.join(problems)}. An upload or copy was interrupted, "
+            "or two preparations were mixed: prepare the split again (scripts/prepare_dataset.py) and push it again"
+        )
+    return shards
+
+
+def _prepared_local(folder: Path, split: str) -> PreparedShards:
+    info_path = folder / PREPARED_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    names = [path.name for path in (folder / "data").glob("*.parquet")] if (folder / "data").is_dir() else []
+    shards = check_shards(names, split, str(folder / "data"), info)
+    return PreparedShards([str(folder / "data" / name) for name in shards], info, str(folder))
+
+
+def http_error_class() -> type[Exception]:
+    """The HTTP library's base error (``httpx.HTTPError``, or ``httpx2``'s in newer ``huggingface_hub``): the
+    base of the client's ``HfHubHTTPError`` and of its transport errors (refused connection, timeout)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return next(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError")
+
+
+def _hub_error(repo_id: str, error: Exception) -> Exception:
+    """The one-line error for a failed read of the Hub dataset ``repo_id`` (the client's own, when not known)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, RepositoryNotFoundError):
+        return HubDatasetError(
+            f"Hub dataset {repo_id!r} not found at {constants.ENDPOINT}, or it is private and the token cannot read "
+            "it: check the repo id, and log in (`hf auth login` or HF_TOKEN) with a token of its owner"
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return HubDatasetError(
+            f"Hub dataset {repo_id!r}: revision not found ({error.server_message or error})"
+        )
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, HfHubHTTPError) and status in (401, 403):
+        return HubDatasetError(
+            f"Hub dataset {repo_id!r}: the Hub rejected the token ({status}); set HF_TOKEN to a valid token or run "
+            "`hf auth login`"
+        )
+    if isinstance(error, HfHubHTTPError) or not isinstance(error, (http_error_class(), ConnectionError)):
+        return error
+    return ConnectionError(
+        f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to read {repo_id!r} "
+        f"({type(error).__name__}: {error})"
+    )
+
+
+def _prepared_hub(repo_id: str, split: str, token: str | None) -> PreparedShards:
+    """List the repo at its current commit (one call), check the split, read cpsl_prepare.json, and return
+    ``hf://`` URLs pinned to that commit: every process of a run, and every epoch, reads the same files even if
+    the repo is pushed to meanwhile."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        repo = api.dataset_info(repo_id)
+        names = [sibling.rfilename for sibling in repo.siblings or ()]
+        info = None
+        if PREPARED_INFO_FILE in names:
+            path = api.hf_hub_download(repo_id, PREPARED_INFO_FILE, repo_type="dataset", revision=repo.sha)
+            info = json.loads(Path(path).read_text())
+    except (http_error_class(), OSError) as error:
+        converted = _hub_error(repo_id, error)
+        if converted is error:
+            raise
+        raise converted from error
+    where = f"Hub dataset {repo_id} (commit {repo.sha[:8]})"
+    shards = check_shards(
+        [name[len("data/") :] for name in names if name.startswith("data/")], split, where, info
+    )
+    files = [f"hf://datasets/{repo_id}@{repo.sha}/data/{name}" for name in shards]
+    return PreparedShards(files, info, where, revision=repo.sha)
+
+
+def locate_prepared(repo_id_or_dir, split: str = "train", token: str | None = None) -> PreparedShards:
+    """Find and check the shards of ``split`` in a prepared folder or Hub dataset repo (see
+    :func:`load_prepared`); nothing is read but the file listing and ``cpsl_prepare.json``."""
+    local = Path(repo_id_or_dir)
+    if local.is_dir():
+        return _prepared_local(local, split)
+    repo_id = str(repo_id_or_dir)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise MissingPathError(
+            f"{repo_id!r} is neither an existing folder nor a Hub dataset repo id of the form 'owner/name'"
+        )
+    if hub_offline():
+        raise ConnectionError(
+            f"cannot read the Hub dataset {repo_id!r}: HF_HUB_OFFLINE is set. Pass a local folder written by "
+            "scripts/prepare_dataset.py instead, or unset HF_HUB_OFFLINE."
+        )
+    return _prepared_hub(repo_id, split, token)
+
+
+def load_prepared(
+    repo_id_or_dir,
+    split: str = "train",
+    streaming: bool = True,
+    token: str | None = None,
+    num_classes: int | None = None,
+):
     """Load a dataset written by ``scripts/prepare_dataset.py`` from a local folder or a Hub dataset repo.
 
-    The folder (or repo) holds ``data/{split}-XXXXX-of-YYYYY.parquet`` shards with the image bytes embedded.
-    A local folder is read directly; anything else is treated as a Hub dataset repo id and read through
-    ``hf://datasets/{repo_id}/data/...`` (needs network access and, for a private repo, a token).
+    The folder (or repo) holds ``data/{split}-XXXXX-of-YYYYY.parquet`` shards with the image bytes embedded, and
+    ``cpsl_prepare.json``. A local folder is read directly; anything else is treated as a Hub dataset repo id and
+    read through ``hf://datasets/{repo_id}@{commit}/data/...``, pinned to the repo's commit at the time of the
+    call (needs network access and, for a private repo, a token). The split must be complete (every shard
+    ``0..K-1`` of one preparation, :func:`check_shards`), else :class:`LayoutError` says what is missing.
 
-    Returns an ``IterableDataset`` (``streaming=True``, the default) or a ``Dataset`` with columns image,
-    label and name. ``streaming=False`` copies the shards into the ``datasets`` cache (Arrow) first.
-    ``token``: a Hub token for a private repo (default: the logged-in one).
+    Returns an ``IterableDataset`` (``streaming=True``, the default: shards are read with HTTP range requests as
+    the stream goes) or a ``Dataset`` with columns image, label and name. ``streaming=False`` downloads the
+    shards into the ``datasets`` cache (Arrow) first.
+
+    Args:
+        token: a Hub token for a private repo (default: the logged-in one, or ``HF_TOKEN``).
+        num_classes: the label protocol the caller expects; a dataset prepared with another one raises
+            :class:`~cpsl_hf.utils.UsageError` (None: read whatever protocol it has).
+
+    Raises:
+        LayoutError: no shards of ``split`` (the message lists the splits found), or an incomplete split.
+        HubDatasetError: a missing repo, a private repo the token cannot read, a rejected token.
+        ConnectionError: HF_HUB_OFFLINE is set, or the Hub cannot be reached.
     """
     import datasets
 
-    local = Path(repo_id_or_dir)
-    if local.is_dir():
-        files = sorted((local / "data").glob(f"{split}-*.parquet"))
-        if not files:
-            available = sorted({path.name.split("-")[0] for path in (local / "data").glob("*.parquet")})
-            raise LayoutError(
-                f"no parquet shards for split {split!r} in {local / 'data'} (splits found: {available or 'none'}); "
-                "expected a folder written by scripts/prepare_dataset.py"
-            )
-        data_files = [str(path) for path in files]
-    else:
-        repo_id = str(repo_id_or_dir)
-        if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-            raise FileNotFoundError(
-                f"{repo_id!r} is neither an existing folder nor a Hub dataset repo id of the form 'owner/name'"
-            )
-        if hub_offline():
-            raise ConnectionError(
-                f"cannot read the Hub dataset {repo_id!r}: HF_HUB_OFFLINE is set. Pass a local folder written by "
-                "scripts/prepare_dataset.py instead, or unset HF_HUB_OFFLINE."
-            )
-        data_files = f"hf://datasets/{repo_id}/data/{split}-*.parquet"
+    located = locate_prepared(repo_id_or_dir, split, token)
+    prepared_classes = (located.info or {}).get("num_classes")
+    if num_classes is not None and prepared_classes is not None and prepared_classes != num_classes:
+        raise UsageError(
+            f"--num_classes {num_classes} disagrees with {located.where}: it was prepared with the "
+            f"{prepared_classes}-class protocol (prepare it again with --num_classes {num_classes}, or train with "
+            f"--num_classes {prepared_classes})"
+        )
     loaded = datasets.load_dataset(
         "parquet",
-        data_files={split: data_files},
+        data_files={split: located.data_files},
         split=split,
         streaming=streaming,
         features=dataset_features(),

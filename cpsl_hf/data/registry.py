@@ -367,7 +367,7 @@ def load_dataset(
             "train" or "validation" ("val" is accepted for it); prepared: the split name it was written with.
         num_classes: label protocol; default the dataset's :attr:`DatasetSpec.default_num_classes`. Must be
             one the dataset provides (:attr:`DatasetSpec.num_classes`). A prepared dataset holds the protocol
-            it was written with and is read as it is.
+            it was written with: given, ``num_classes`` must be that one (else a ``UsageError``).
         streaming: an ``IterableDataset`` (downloads convert labels on the fly; prepared shards are streamed)
             instead of a map-style ``Dataset``. The synthetic shift is always map-style.
         label_cache_dir: where the download readers cache converted labels (default
@@ -424,7 +424,7 @@ def load_dataset(
         location = data_dir if name == spec.name else name
         if location is None:
             raise ValueError(f"dataset {name!r} needs data_dir: {spec.layout}")
-        return spec.reader_function()(location, split=split, streaming=streaming)
+        return spec.reader_function()(location, split=split, streaming=streaming, num_classes=num_classes)
     if data_dir is None:
         raise ValueError(
             f"dataset {name!r} needs data_dir, the folder of the download. Expected layout: {spec.layout}"

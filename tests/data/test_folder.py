@@ -258,5 +258,6 @@ def test_prepare_folder_writes_shards_with_the_table_classes(tmp_path):
         assert (prepared[stem] == expected_train_ids(values)).all()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| 0 | flat |" in card and "| 1 | vehicle |" in card and "| 2 | sky |" in card
+    assert "Converted from your own folder of images and masks" in card and "official" not in card
     with pytest.raises(ValueError, match="folder needs --class_table FILE"):
         module.main(argv)

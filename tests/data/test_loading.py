@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import sys
 
@@ -95,7 +96,8 @@ def test_prepare_argument_errors_and_offline_push(tmp_path, gta5_dir, monkeypatc
         readers.load_prepared(tmp_path.parent, "validation")
 
 
-def test_push_uses_a_dataset_repo_and_needs_a_token(tmp_path, gta5_dir, monkeypatch):
+def test_push_needs_a_token_before_any_work(tmp_path, gta5_dir, monkeypatch):
+    """(The push itself, through the real client, is tested against the loopback Hub in tests/test_hub_datasets.py.)"""
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -104,22 +106,40 @@ def test_push_uses_a_dataset_repo_and_needs_a_token(tmp_path, gta5_dir, monkeypa
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(PermissionError, match="no token found"):
         prepare.prepare_dataset("gta5", gta5_dir, tmp_path / "o", push_to_hub="me/gta5", progress=False)
-    calls = []
+    assert not (tmp_path / "o").exists()
 
-    def create_repo(self, *args, **kwargs):
-        calls.append(("create", args, kwargs))
-        return "https://hub.test/datasets/me/gta5"
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **k: calls.append(("upload", k)))
-    result = prepare.prepare_dataset(
-        "gta5", gta5_dir, tmp_path / "o", push_to_hub="me/gta5", private=True, token="hf_x", progress=False
-    )
-    assert calls[0] == ("create", ("me/gta5",), {"repo_type": "dataset", "private": True, "exist_ok": True})
-    assert calls[1][1]["repo_type"] == "dataset" and calls[1][1]["folder_path"] == str(tmp_path / "o")
-    assert (
-        result.url == "https://hub.test/datasets/me/gta5" and "pushed to https://hub.test" in result.summary()
-    )
+def test_an_interrupted_preparation_or_copy_never_loads_as_a_smaller_dataset(tmp_path, gta5_dir, monkeypatch):
+    folder = tmp_path / "out"
+    prepare.prepare_dataset("gta5", gta5_dir, folder, num_shards=4, progress=False)
+    written = prepare._write_shard
+
+    def fail_on_the_third(path, rows, schema):
+        if "-00002-of-" in path.name:
+            raise KeyboardInterrupt  # the user stops the preparation of the split again
+        return written(path, rows, schema)
+
+    monkeypatch.setattr(prepare, "_write_shard", fail_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset("gta5", gta5_dir, folder, num_shards=4, progress=False)
+    assert sorted(path.name for path in (folder / "data").glob("*.parquet")) == []  # none visible, old or new
+    with pytest.raises(readers.LayoutError, match="no parquet shards for split 'train'"):
+        readers.load_prepared(folder, "train")
+
+    monkeypatch.setattr(prepare, "_write_shard", written)
+    prepare.prepare_dataset("gta5", gta5_dir, folder, num_shards=4, progress=False)
+    assert sorted(path.name for path in (folder / "data").iterdir()) == [
+        f"train-{i:05d}-of-00004.parquet" for i in range(4)
+    ]  # the hidden partial files of the stopped run are gone too
+    other = tmp_path / "other"
+    prepare.prepare_dataset("gta5", gta5_dir, other, num_shards=2, progress=False)
+    shutil.copy(other / "data" / "train-00000-of-00002.parquet", folder / "data")  # two preparations mixed
+    with pytest.raises(readers.LayoutError, match=r"another preparation are mixed in \(train-00000-of-00002"):
+        readers.load_prepared(folder, "train")
+    (folder / "data" / "train-00000-of-00002.parquet").unlink()
+    (folder / "data" / "train-00001-of-00004.parquet").unlink()  # a copy that lost a file
+    with pytest.raises(readers.LayoutError, match=r"1 of its 4 shards are missing \(train-00001-of-00004"):
+        readers.load_prepared(folder, "train")
 
 
 def test_choose_num_shards_is_a_power_of_two():
