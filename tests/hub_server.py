@@ -3,8 +3,8 @@ model or a dataset and to list and read a dataset's files.
 
 Tests point the real clients at it (``HF_ENDPOINT=http://127.0.0.1:PORT`` in a subprocess, or
 ``HfApi(endpoint=...)``) and look at the files that arrive in ``LocalHub.repo_dir(repo_id, repo_type)``. Routes
-(``{type}`` is ``models`` or ``datasets``; a model repo's file routes have no ``{type}`` prefix, a dataset's have
-``datasets/``):
+(``{type}`` is ``models``, ``datasets`` or ``spaces``; a model repo's file routes have no ``{type}`` prefix, a
+dataset's have ``datasets/``, a Space's ``spaces/``):
 
 - ``GET  /api/whoami-v2``                                   token check (401 for a wrong token)
 - ``GET  /api/agent-harnesses``                             the (empty) registry the client reads for its user agent
@@ -20,7 +20,7 @@ Tests point the real clients at it (``HF_ENDPOINT=http://127.0.0.1:PORT`` in a s
 - ``GET  /api/{type}/{repo}[/revision/{rev}]``              repo info: ``sha``, ``private``, ``siblings``
 - ``GET  /api/{type}/{repo}/tree/{rev}[/{path}]``           a folder's entries (``recursive``, ``expand``)
 - ``POST /api/{type}/{repo}/paths-info/{rev}``              the entries of the form's ``paths``
-- ``HEAD``/``GET /[datasets/]{repo}/resolve/{rev}/{path}``  a file's bytes, with ``Range: bytes=a-b`` (206 and
+- ``HEAD``/``GET /[datasets/|spaces/]{repo}/resolve/{rev}/{path}``  a file's bytes, with ``Range: bytes=a-b`` (206 and
                                                             ``Content-Range``; 416 past the end)
 
 ``rev`` is ``main`` or the repo's current commit sha (the server keeps one revision, the latest). Authorisation
@@ -217,7 +217,7 @@ def _make_handler(hub: LocalHub):
                 return
             parts = path.strip("/").split("/")
             api_repo = (
-                len(parts) >= 4 and parts[0] == "api" and parts[1] in ("models", "datasets")
+                len(parts) >= 4 and parts[0] == "api" and parts[1] in ("models", "datasets", "spaces")
             )  # /api/{type}s/{owner}/{name}/...
             if method == "GET" and path == "/api/whoami-v2":
                 if self._authorised():
@@ -259,8 +259,9 @@ def _make_handler(hub: LocalHub):
             elif method in ("GET", "HEAD") and "resolve" in parts:
                 at = parts.index("resolve")
                 prefix = parts[:at]
-                repo_type = "dataset" if len(prefix) == 3 and prefix[0] == "datasets" else "model"
-                if len(prefix) != (3 if repo_type == "dataset" else 2) or len(parts) < at + 3:
+                typed = len(prefix) == 3 and prefix[0] in ("datasets", "spaces")
+                repo_type = prefix[0][:-1] if typed else "model"
+                if len(prefix) != (3 if repo_type != "model" else 2) or len(parts) < at + 3:
                     self._not_found(method, path)
                 else:
                     self._resolve(

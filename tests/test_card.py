@@ -185,6 +185,38 @@ def test_push_of_the_run_uploads_curves_and_no_local_path_in_any_text_file(
     assert ModelCard.load(arrived / "README.md").data.base_model == ENCODER_REPO
 
 
+def test_pushed_card_survives_huggingface_hubs_metadata_update(tmp_path, monkeypatch, warm_then_cpsl):
+    """huggingface_hub's own metadata_update reads the pushed README.md back from the (loopback) Hub, parses and
+    rewrites its metadata and commits it: the model-index, base model and everything else come back unchanged."""
+    _, adapted, _ = warm_then_cpsl
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    update = (
+        "import sys\nfrom huggingface_hub import ModelCard, metadata_update\n"
+        "tags = ModelCard.load(sys.argv[1]).data.tags\n"  # read back from the Hub by repo id
+        "print(metadata_update(sys.argv[1], {'tags': [*tags, 'reviewed']}, overwrite=True))\n"
+    )
+    with LocalHub(tmp_path / "server") as server:
+        hub.publish_checkpoint(adapted, "tester/cpsl-meta", token=TOKEN, endpoint=server.endpoint)
+        before = ModelCard.load(server.repo_dir("tester/cpsl-meta") / "README.md").data.to_dict()
+        env = {
+            **os.environ, "HF_ENDPOINT": server.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf_home"),
+        }  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", update, "tester/cpsl-meta"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert server.unexpected == [] and len(server.commits) == 2
+    after = ModelCard.load(server.repo_dir("tester/cpsl-meta") / "README.md").data.to_dict()
+    assert after.pop("tags") == [*before.pop("tags"), "reviewed"]
+    assert after == before
+
+
 # ------------------------------------------------------------------------------------- provenance, one by one
 
 

@@ -296,3 +296,37 @@ def test_class_palette_from_the_models_class_table(tmp_path):
         UsageError, match="classes.yaml: its classes \\['crop', 'road'\\] are not the model's"
     ):
         class_palette(["road", "crop"], table)
+
+
+def test_push_space_through_the_real_client(tmp_path, monkeypatch, model_dir):
+    """A Space written for a Hub model lands in a Gradio Space repo of the loopback Hub, every file as written."""
+    import huggingface_hub
+    from hub_server import LocalHub
+
+    import cpsl_hf.space as space_module
+    from cpsl_hf.space import push_space
+
+    config = json.loads((model_dir / "config.json").read_text())
+    monkeypatch.setattr(space_module, "_model_config", lambda model: config)
+    space = write_space(
+        "tester/cpsl-tiny", "tester/tiny-demo", tmp_path / "space", examples=[model_dir / "examples"]
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with LocalHub(tmp_path / "server") as server:
+        url = push_space(
+            space, "tester/tiny-demo", private=True, token=server.token, endpoint=server.endpoint
+        )
+        with pytest.raises(Exception, match="401|Invalid credentials|rejected"):
+            push_space(space, "tester/tiny-demo", token="hf_wrong", endpoint=server.endpoint)
+    assert url == f"{server.endpoint}/spaces/tester/tiny-demo" and server.unexpected == []
+    assert server.created[0]["type"] == "space" and server.created[0]["sdk"] == "gradio"
+    assert server.created[0].get("private") is True or server.created[0].get("visibility") == "private"
+    arrived = server.repo_dir("tester/tiny-demo", "space")
+    written = sorted(path.relative_to(space).as_posix() for path in space.rglob("*") if path.is_file())
+    assert (
+        sorted(path.relative_to(arrived).as_posix() for path in arrived.rglob("*") if path.is_file())
+        == written
+    )
+    for name in written:
+        assert (arrived / name).read_bytes() == (space / name).read_bytes(), name
