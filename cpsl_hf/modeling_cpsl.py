@@ -101,17 +101,23 @@ def _interpolation_weights(input_size: int, output_size: int) -> torch.Tensor:
     floor and the next index (the last one repeated at the border), weighted by the distance (rows sum to 1)."""
     key = (input_size, output_size)
     if key not in _INTERPOLATION_WEIGHTS:
-        source = (torch.arange(output_size, dtype=torch.float64) + 0.5) * (input_size / output_size) - 0.5
-        source = source.clamp(min=0)
-        lower = source.floor().long().clamp(max=input_size - 1)
-        upper = (lower + 1).clamp(max=input_size - 1)
-        upper_weight = source - lower
-        weights = torch.zeros(output_size, input_size, dtype=torch.float64)
-        rows = torch.arange(output_size)
-        weights.index_put_((rows, lower), 1 - upper_weight, accumulate=True)
-        weights.index_put_((rows, upper), upper_weight, accumulate=True)
-        _INTERPOLATION_WEIGHTS[key] = weights
+        with torch.inference_mode(False):  # cached for training too: never an inference tensor
+            _INTERPOLATION_WEIGHTS[key] = _linear_interpolation_weights(input_size, output_size)
     return _INTERPOLATION_WEIGHTS[key]
+
+
+def _linear_interpolation_weights(input_size: int, output_size: int) -> torch.Tensor:
+    """The weights of :func:`_interpolation_weights`, computed (uncached)."""
+    source = (torch.arange(output_size, dtype=torch.float64) + 0.5) * (input_size / output_size) - 0.5
+    source = source.clamp(min=0)
+    lower = source.floor().long().clamp(max=input_size - 1)
+    upper = (lower + 1).clamp(max=input_size - 1)
+    upper_weight = source - lower
+    weights = torch.zeros(output_size, input_size, dtype=torch.float64)
+    rows = torch.arange(output_size)
+    weights.index_put_((rows, lower), 1 - upper_weight, accumulate=True)
+    weights.index_put_((rows, upper), upper_weight, accumulate=True)
+    return weights
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

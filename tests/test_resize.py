@@ -85,3 +85,21 @@ def test_pixel_affine_is_a_1x1_convolution_with_channels_last_output():
     expected = torch.einsum("oc,nchw->nohw", weight, maps) + bias[:, None, None]
     torch.testing.assert_close(mapped, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(pixel_affine(maps, weight), expected - bias[:, None, None], rtol=0, atol=1e-12)
+
+
+def test_weights_first_built_under_inference_mode_still_train():
+    """An evaluation (inference mode) that builds a size's cached weights first must not break a later training
+    step at the same size: the cache never holds inference tensors (float64 maps use the cached tensor as is)."""
+    from cpsl_hf.modeling_cpsl import _INTERPOLATION_WEIGHTS
+
+    size = (23, 29)
+    for key in [(7, size[0]), (5, size[1])]:
+        _INTERPOLATION_WEIGHTS.pop(key, None)
+    with torch.inference_mode():
+        resize_bilinear(torch.rand(1, 2, 7, 5, dtype=torch.float64), size)
+    maps = torch.rand(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+    resize_bilinear(maps, size).square().sum().backward()
+    expected = torch.autograd.grad(
+        F.interpolate(maps, size=size, mode="bilinear", align_corners=False).square().sum(), maps
+    )[0]
+    torch.testing.assert_close(maps.grad, expected)

@@ -1,10 +1,10 @@
 """Parquet preparation round trip, load_prepared, and the train / eval loaders (splits, epochs, resume)."""
 
+import importlib.util
 import json
-import os
 import shutil
 import socket
-import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -152,8 +152,11 @@ def test_choose_num_shards_is_a_power_of_two():
 
 
 def test_script_end_to_end(tmp_path, gta5_dir, capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
-    import prepare_dataset
+    # Loaded from its file: putting scripts/ on sys.path would let scripts/evaluate.py shadow the evaluate package.
+    script = Path(__file__).resolve().parents[2] / "scripts" / "prepare_dataset.py"
+    spec = importlib.util.spec_from_file_location("prepare_dataset_script", script)
+    prepare_dataset = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_dataset)
 
     assert (
         prepare_dataset.main(["gta5", "--data_dir", str(gta5_dir), "--output_dir", str(tmp_path / "o")]) == 0
