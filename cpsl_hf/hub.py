@@ -165,7 +165,9 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
             f"training_info['base_model'] must be a Hub repo id such as 'nvidia/mit-b5', got {base_model!r} "
             "(a local folder is no base model on the Hub: leave it out)"
         )
-    tags = ["image-segmentation", "semantic-segmentation", "domain-adaptation", "cpsl", "cityscapes"]
+    street_scenes = num_classes in (19, 16, 13) and names == protocol_class_names(num_classes)
+    tags = ["image-segmentation", "semantic-segmentation", "domain-adaptation", "cpsl"]
+    tags += ["cityscapes"] if street_scenes else []
     tags += [tag for tag in training_info.get("tags", []) if tag not in tags]
     relation = {"base_model_relation": "finetune"} if base_model else {}
     card_data = ModelCardData(
@@ -219,6 +221,10 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
     return {
         "card_data": card_data.to_yaml(),
         "model_name": model_name,
+        "street_scenes": street_scenes,
+        "source_kind": "labelled renders"
+        if source.split()[0].lower() in ("gta5", "synthia", "synthetic")
+        else "labelled",
         "repo_id": str(training_info.get("repo_id", f"your-username/{model_name}")),
         "num_classes": num_classes,
         "source": source,

@@ -291,3 +291,26 @@ def test_matching_preset_and_architecture_words():
     assert describe_architecture(custom).startswith(
         "SegFormer (MiT encoder) custom size, segformer decode head"
     )
+
+
+def test_card_words_follow_the_class_set_and_the_source():
+    """A Cityscapes-protocol card from GTA5 speaks of renders and street scenes and is tagged cityscapes; a card of
+    a class table's 7 classes from a folder speaks of its own classes, and is not."""
+    from cpsl_hf.data.protocols import class_names
+
+    street = {
+        "mean_iou": 0.5,
+        "per_category_iou": [0.5] * 19,
+        "class_names": class_names(19),
+        "num_classes": 19,
+    }
+    card = hub.render_model_card(street, {"source_dataset": "GTA5", "target_dataset": "Cityscapes"})
+    assert "(labelled renders)" in card and "urban street scenes" in card
+    assert "- cityscapes" in card.split("---")[1]
+    names = ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
+    own = {"mean_iou": 0.5, "per_category_iou": [0.5] * 7, "class_names": names, "num_classes": 7}
+    card = hub.render_model_card(
+        own, {"source_dataset": "potsdam (folder)", "target_dataset": "vaihingen (folder)"}
+    )
+    assert "(labelled)" in card and "renders" not in card and "street scenes" not in card
+    assert "7 classes of its own class table" in card and "cityscapes" not in card.split("---")[1]
