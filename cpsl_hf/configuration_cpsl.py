@@ -459,6 +459,10 @@ class CPSLConfig(PreTrainedConfig):
         backbone_fields = set(backbone_class.__dataclass_fields__) - set(
             PreTrainedConfig.__dataclass_fields__
         )
+        if (
+            backbone_model_type in PLAIN_VIT_TYPES + HIERARCHICAL_TYPES
+        ):  # AutoBackbone levels (not dataclass fields)
+            backbone_fields |= {"out_indices", "out_features"}
         top_level, backbone = {}, {}
         for key, value in overrides.items():
             if key in own_fields:

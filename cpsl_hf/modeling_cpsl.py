@@ -713,7 +713,11 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
         config = CPSLConfig(backbone_config=backbone_dict, num_labels=num_labels, **top_level)
         model = cls(config)
 
-        encoder_class = {"segformer": SegformerModel, "resnet": ResNetModel}.get(model_type, AutoBackbone)
+        # The AutoBackbone's own class (Dinov2Backbone ...): AutoBackbone.from_pretrained asks the Hub whether the
+        # name is a repo before it reads a local folder, and fails offline.
+        encoder_class = {"segformer": SegformerModel, "resnet": ResNetModel}.get(
+            model_type, type(model.backbone)
+        )
         encoder, loading_info = encoder_class.from_pretrained(
             name_or_path, config=config.backbone_config, output_loading_info=True
         )
