@@ -34,7 +34,9 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_cpsl_trains_on_a_vit_backbone_and_resume_equals_a_straight_run(tmp_path, synthetic_cache, dinov2_folder):
+def test_cpsl_trains_on_a_vit_backbone_and_resume_equals_a_straight_run(
+    tmp_path, synthetic_cache, dinov2_folder
+):
     flags = ("--backbone", str(dinov2_folder), "--deterministic")
     straight = run(tiny_argv(tmp_path / "straight", synthetic_cache, *flags))
     assert straight.step == 4
@@ -59,7 +61,11 @@ def test_cpsl_trains_on_a_vit_backbone_and_resume_equals_a_straight_run(tmp_path
 
     # The exported model is a CPSL checkpoint of the same family that reloads with the trained weights.
     exported = [path.parent for path in (tmp_path / "straight").rglob("config.json")]
-    models = [folder for folder in exported if json.loads((folder / "config.json").read_text()).get("model_type") == "cpsl"]
+    models = [
+        folder
+        for folder in exported
+        if json.loads((folder / "config.json").read_text()).get("model_type") == "cpsl"
+    ]
     assert models
     reloaded = CPSLForSemanticSegmentation.from_pretrained(models[0])
     assert reloaded.config.backbone_type == "dinov2" and reloaded.config.pyramid_channels == 256
