@@ -46,7 +46,7 @@ and 32 by the simple feature pyramid (ViTDet)."""
 HIERARCHICAL_TYPES = ("convnext", "convnextv2", "swin")
 """``AutoBackbone`` families with four stages at strides 4, 8, 16 and 32 (stage1 ... stage4)."""
 
-AUTOBACKBONE_HEADS = ("segformer",)
+AUTOBACKBONE_HEADS = ("segformer", "upernet")
 """Decode heads of ``AutoBackbone`` families; the first one is the default."""
 
 DECODE_HEADS = {
@@ -219,18 +219,25 @@ class CPSLConfig(PreTrainedConfig):
       (each followed by a channel LayerNorm), resized to strides 4, 8, 16, 32 when p is not 16 (p = 14). The
       input is zero-padded (the mean colour, after normalisation) on the bottom and right to a multiple of p (ViT)
       or 32 (hierarchical) and every level cropped back to ceil(H / s) x ceil(W / s). The SegFormer all-MLP head
-      (``decode_head="segformer"``) of width ``embedding_dim`` (default 256) fuses the four levels at stride 4.
+      (``decode_head="segformer"``) of width ``embedding_dim`` (default 256) fuses the four levels at stride 4;
+      or ``decode_head="upernet"``: transformers' ``UperNetHead`` (PSP on the deepest level with
+      ``upernet_pool_scales``, FPN laterals and a 3x3 fuse, ``embedding_dim`` channels, default 512) whose pixel
+      embedding is the fuse's BatchNorm output before its ReLU (signed); the classifier reads the ReLU output.
 
     Args:
         backbone_config (`dict` or `PreTrainedConfig`, *optional*): ``SegformerConfig``, ``ResNetConfig`` or an
             ``AutoBackbone`` config listed above (or their dict form with ``model_type``). Defaults to
             ``SegformerConfig()``.
-        decode_head (`str`, *optional*): ``"segformer"`` (SegFormer and AutoBackbone backbones), ``"proda"`` or
-            ``"deeplabv2"`` (ResNet backbones). Defaults to the first of these for the backbone.
+        decode_head (`str`, *optional*): ``"segformer"`` (SegFormer and AutoBackbone backbones), ``"upernet"``
+            (AutoBackbone backbones), ``"proda"`` or ``"deeplabv2"`` (ResNet backbones). Defaults to the first of
+            these for the backbone.
+        upernet_pool_scales (`list[int]`, *optional*, defaults to `[1, 2, 3, 6]`): pooling grids of the UperNet
+            head's pyramid pooling module.
         embedding_dim (`int`, *optional*): D, the width of the pixel embedding used by the self-labeling head.
             Fixed by the backbone for ``segformer`` (``decoder_hidden_size``) and ``deeplabv2``
             (``hidden_sizes[-1]``); free for ``proda`` (default 256, a multiple of 32 for GroupNorm) and for the
-            SegFormer head of an AutoBackbone (default 256, the head's ``decoder_hidden_size``).
+            SegFormer head of an AutoBackbone (default 256, the head's ``decoder_hidden_size``) and the UperNet
+            head (default 512, its ``hidden_size``).
         pyramid_channels (`int`, *optional*): width of the simple feature pyramid of a plain ViT (default 256, as
             ViTDet); ``None`` for other backbones.
         output_stride (`int`, *optional*): stride of logits/embeddings w.r.t. the input: always 4 for SegFormer
@@ -262,6 +269,7 @@ class CPSLConfig(PreTrainedConfig):
     pyramid_channels: int | None = None
     output_stride: int | None = None
     aspp_dilations: list[int] | tuple[int, ...] = (6, 12, 18, 24)
+    upernet_pool_scales: list[int] | tuple[int, ...] = (1, 2, 3, 6)
     classifier_dropout_prob: float = 0.1
     segformer_embedding: str = "post_activation"
     sl_temperature: float = 0.08
@@ -278,6 +286,7 @@ class CPSLConfig(PreTrainedConfig):
         if self.label2id is None or len(self.label2id) != len(self.id2label):
             self.label2id = {name: index for index, name in self.id2label.items()}
         self.aspp_dilations = list(self.aspp_dilations)
+        self.upernet_pool_scales = list(self.upernet_pool_scales)
         self._resolve_architecture()
 
     # ------------------------------------------------------------------ validation
@@ -348,7 +357,7 @@ class CPSLConfig(PreTrainedConfig):
             self.embedding_dim = fixed_dim
         else:
             if self.embedding_dim is None:
-                self.embedding_dim = 256
+                self.embedding_dim = 512 if self.decode_head == "upernet" else 256
             if self.is_autobackbone:
                 if self.embedding_dim <= 0:
                     raise ValueError(f"CPSLConfig: embedding_dim={self.embedding_dim} must be positive.")

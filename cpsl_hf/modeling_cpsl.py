@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 from transformers import AutoBackbone, AutoConfig, PreTrainedModel, ResNetModel, SegformerModel
 from transformers import initialization as init
 from transformers.models.resnet.modeling_resnet import ResNetShortCut
+from transformers.models.upernet.modeling_upernet import UperNetHead
 from transformers.utils import ModelOutput
 
 from .configuration_cpsl import DECODE_HEADS, PRESETS, PYRAMID_STRIDES, CPSLConfig, default_out_indices
@@ -215,6 +217,39 @@ class SegformerProjection(nn.Module):
     def __init__(self, input_dim: int, output_dim: int):
         super().__init__()
         self.proj = nn.Linear(input_dim, output_dim)
+
+
+class CPSLUperNetHead(UperNetHead):
+    """transformers' ``UperNetHead`` (Xiao et al. 2018: pyramid pooling on the deepest level, FPN laterals, 3x3
+    convs, a 3x3 fuse of the four levels; the same layers and weight names) that also returns the pixel embedding:
+    the fuse's BatchNorm output before its ReLU (signed). Dropout (``classifier_dropout_prob``, as mmsegmentation's
+    UperNet) precedes the 1x1 classifier, which reads the ReLU output as in transformers.
+
+    Input: the 4 levels N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32).
+    Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``embedding_dim``.
+    """
+
+    def __init__(self, config: CPSLConfig):
+        head_config = SimpleNamespace(
+            pool_scales=tuple(config.upernet_pool_scales),
+            hidden_size=config.embedding_dim,
+            num_labels=config.num_labels,
+        )
+        super().__init__(head_config, config.backbone_level_channels)
+        self.dropout = MaskDropout(config.classifier_dropout_prob)
+
+    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        # UperNetHead.forward up to its fuse, which it runs whole (conv, BatchNorm, ReLU) into the classifier.
+        laterals = [lateral(encoder_hidden_states[i]) for i, lateral in enumerate(self.lateral_convs)]
+        laterals.append(self.psp_forward(encoder_hidden_states))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down path
+            laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[2:])
+        outputs = [fpn_conv(lateral) for fpn_conv, lateral in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        outputs = [outputs[0]] + [resize_bilinear(level, outputs[0].shape[2:]) for level in outputs[1:]]
+        fuse = self.fpn_bottleneck
+        embeddings = fuse.batch_norm(fuse.conv(torch.cat(outputs, dim=1)))
+        logits = self.classifier(self.dropout(fuse.activation(embeddings)))
+        return embeddings, logits
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -501,7 +536,7 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
         backbone: ``SegformerModel``, dilated ``ResNetModel`` or an ``AutoBackbone`` (weight names as in
             transformers).
         neck: ``SimpleFeaturePyramid`` for plain ViTs, else ``None``.
-        decode_head: ``CPSLSegformerDecodeHead``, ``ProDAASPPHead`` or ``DeepLabV2ASPPHead``.
+        decode_head: ``CPSLSegformerDecodeHead``, ``CPSLUperNetHead``, ``ProDAASPPHead`` or ``DeepLabV2ASPPHead``.
         self_labeling_head: ``CPSLSelfLabelingHead`` with ``.prototypes`` (C x D) and ``.temperature``.
     """
 
@@ -517,6 +552,8 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
         )
         if config.decode_head == "segformer":
             self.decode_head = CPSLSegformerDecodeHead(config)
+        elif config.decode_head == "upernet":
+            self.decode_head = CPSLUperNetHead(config)
         elif config.decode_head == "proda":
             self.decode_head = ProDAASPPHead(
                 config.backbone_config.hidden_sizes[-1],

@@ -297,3 +297,51 @@ def test_autobackbone_reads_the_levels_transformers_names():
     with torch.no_grad():
         for ours, theirs in zip(model.autobackbone_levels(pixels), reference.eval()(pixels).feature_maps):
             assert torch.equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------------------------- UperNet head
+@pytest.mark.parametrize("family", ["dinov2", "swin"])
+def test_upernet_head_equals_transformers_upernet_head(family):
+    """The same logits and weight gradients as transformers' UperNetHead with the same weights, in training
+    mode (batch statistics) and in eval mode; the embedding is the fuse's signed BatchNorm output."""
+    from transformers.models.upernet.modeling_upernet import UperNetHead
+
+    model = _model(family, decode_head="upernet", classifier_dropout_prob=0.0)
+    config = model.config
+    assert config.embedding_dim == 32 and config.upernet_pool_scales == [1, 2, 3, 6]
+    reference_config = type(
+        "HeadConfig", (), {"pool_scales": (1, 2, 3, 6), "hidden_size": 32, "num_labels": 19}
+    )
+    reference = UperNetHead(reference_config, config.backbone_level_channels).double()
+    ours = model.decode_head.double()
+    reference.load_state_dict(ours.state_dict())  # the same weight names
+    with torch.no_grad():
+        levels = [level.double() for level in model.autobackbone_levels(torch.randn(2, 3, 64, 96))]
+    for train in (True, False):
+        ours.train(train)
+        reference.train(train)
+        embeddings, logits = ours(levels)
+        expected = reference(levels)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
+        assert embeddings.shape == (2, 32, 16, 24) and (embeddings < 0).any()
+        torch.testing.assert_close(logits, ours.classifier(embeddings.relu()), rtol=0, atol=1e-12)
+        upstream = torch.randn(expected.shape, dtype=torch.float64)
+        ours_grads = torch.autograd.grad((logits * upstream).sum(), list(ours.parameters()))
+        reference_grads = torch.autograd.grad((expected * upstream).sum(), list(reference.parameters()))
+        for mine, theirs in zip(ours_grads, reference_grads):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+
+
+def test_upernet_is_chosen_by_the_config_and_gives_stride_4():
+    config = CPSLConfig.from_preset("dinov2-base", decode_head="upernet")
+    assert config.embedding_dim == 512 and "upernet decode head, D=512" in describe_architecture(config)
+    model = _model("dinov3_vit", decode_head="upernet", upernet_pool_scales=[1, 2])
+    assert (
+        type(model.decode_head).__name__ == "CPSLUperNetHead"
+        and len(model.decode_head.psp_modules.blocks) == 2
+    )
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 45, 61), output_embeddings=True)
+    assert output.logits.shape == (1, 19, 12, 16) and output.sl_logits.shape == (1, 19, 12, 16)
+    with pytest.raises(ValueError, match="decode_head='upernet' does not fit a segformer"):
+        CPSLConfig.from_preset("segformer-tiny", decode_head="upernet")

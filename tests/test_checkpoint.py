@@ -31,6 +31,7 @@ CONFIGS = {
     "deeplabv2": lambda: CPSLConfig(backbone_config=dict(TINY_RESNET), embedding_dim=32),
     # Every AutoBackbone family (tests/backbone_helpers.py): DINOv2 (with registers), DINOv3, ConvNeXt (V2), Swin.
     **{family: (lambda family=family: tiny_backbone_config(family)) for family in TINY_BACKBONES},
+    "dinov2-upernet": lambda: tiny_backbone_config("dinov2", decode_head="upernet"),
 }
 
 
