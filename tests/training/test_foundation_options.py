@@ -152,3 +152,32 @@ def test_gradient_checkpointing_names_a_backbone_without_support(encoders, tmp_p
     )
     with pytest.raises(ConfigurationError, match="--gradient_checkpointing: the convnext backbone"):
         build_model(args)
+
+
+RECIPES = {
+    "gta5_cityscapes_dinov2_large.yaml": "dinov2-large",
+    "gta5_cityscapes_dinov3_vitl16.yaml": "dinov3-vitl16",
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_foundation_recipes_parse_and_fit_a_24_gb_card(recipe, tmp_path):
+    from cpsl_hf import CPSLConfig
+    from cpsl_hf.training.memory import GIB, estimate_memory
+
+    path = Path(__file__).resolve().parents[2] / "configs" / recipe
+    args = parse_args(["--config", str(path), "--source_dir", str(tmp_path), "--target_dir", str(tmp_path)])
+    training = args.training
+    assert (training.optimizer, training.layer_decay, training.mixed_precision) == ("adamw", 0.9, "bf16")
+    assert args.data.crop_size == [512, 512] and training.source_batch_size == training.target_batch_size == 2
+    assert training.cpsl_steps == 40000 and args.cpsl.pseudo_labels == "frozen"
+    batch = training.source_batch_size + training.target_batch_size
+    for checkpointed, budget in ((False, 16), (True, 10)):  # GiB, before the CUDA context and fragmentation
+        estimate = estimate_memory(
+            CPSLConfig.from_preset(RECIPES[recipe]),
+            tuple(args.data.crop_size),
+            batch,
+            activation_dtype=torch.bfloat16,
+            gradient_checkpointing=checkpointed,
+        )
+        assert estimate.fused_attention_total_bytes / GIB < budget
