@@ -1,7 +1,6 @@
 """The whole trainer on a plain-ViT backbone: ``--backbone <folder of a DINOv2 encoder>`` warms up, runs CPSL,
 evaluates and exports with nothing else changed, and a run stopped and resumed ends where a straight run ends."""
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -59,13 +58,11 @@ def test_cpsl_trains_on_a_vit_backbone_and_resume_equals_a_straight_run(
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
-    # The exported model is a CPSL checkpoint of the same family that reloads with the trained weights.
-    exported = [path.parent for path in (tmp_path / "straight").rglob("config.json")]
-    models = [
-        folder
-        for folder in exported
-        if json.loads((folder / "config.json").read_text()).get("model_type") == "cpsl"
-    ]
-    assert models
-    reloaded = CPSLForSemanticSegmentation.from_pretrained(models[0])
+    # The run folder holds the exported CPSL checkpoint of that family and a card that names it.
+    folder = tmp_path / "straight"
+    reloaded = CPSLForSemanticSegmentation.from_pretrained(folder)
     assert reloaded.config.backbone_type == "dinov2" and reloaded.config.pyramid_channels == 256
+    for key, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[f"student.{key}"]), key  # the exported network is the student
+    card = (folder / "README.md").read_text()
+    assert "DINOv2 ViT (simple feature pyramid) custom size, segformer decode head, D=256" in card
