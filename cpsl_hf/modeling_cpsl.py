@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -463,6 +464,34 @@ def build_backbone(config: CPSLConfig) -> nn.Module:
     return AutoBackbone.from_config(config.backbone_config)
 
 
+_VIT_BLOCK = re.compile(r"^(?:encoder|model)\.layer\.(\d+)\.")
+"""A transformer block's parameters in DINOv2 (``encoder.layer.i.``) and DINOv3 (``model.layer.i.``) backbones."""
+
+
+def vit_block_index(name: str) -> int | None:
+    """The 0-based block of a plain-ViT backbone parameter name (``encoder.layer.3.mlp...`` -> 3); None outside
+    the blocks (embeddings, final norm)."""
+    block = _VIT_BLOCK.match(name)
+    return int(block.group(1)) if block else None
+
+
+def unused_by_segmentation(name: str, config: CPSLConfig) -> bool:
+    """True for a backbone parameter that segmentation never uses, frozen at construction (no gradient could
+    reach it, and DDP requires one for every trainable parameter): the mask token of DINOv2 / DINOv3 (masked-image
+    pretraining only), Swin's final LayerNorm (the backbone normalises each stage with its own), and the ViT blocks
+    after the deepest layer in ``out_indices`` (they run, their output is not read)."""
+    if not config.is_autobackbone:
+        return False
+    if name.startswith("embeddings.") and name.endswith("mask_token"):
+        return True
+    if config.backbone_type == "swin":
+        return name.startswith(("swin.layernorm.", "layernorm."))
+    if config.is_plain_vit:
+        block = vit_block_index(name)
+        return block is not None and block >= max(config.backbone_config.out_indices)
+    return False
+
+
 def backbone_input_multiple(config: CPSLConfig) -> int:
     """The side an ``AutoBackbone``'s input is padded to a multiple of: the patch size p of a plain ViT, 32 (the
     deepest stride) for a hierarchical backbone."""
@@ -543,6 +572,9 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
     def __init__(self, config: CPSLConfig):
         super().__init__(config)
         self.backbone = build_backbone(config)
+        for name, parameter in self.backbone.named_parameters():
+            if unused_by_segmentation(name, config):
+                parameter.requires_grad_(False)
         self.neck = (
             SimpleFeaturePyramid(
                 config.backbone_config.hidden_size, config.pyramid_channels, config.backbone_config.patch_size

@@ -139,13 +139,58 @@ def test_autobackbone_config_errors_name_the_field():
     assert tiny_backbone_config("swin", embedding_dim=40).embedding_dim == 40  # no GroupNorm: any width
 
 
+@pytest.mark.parametrize("decode_head", ["segformer", "upernet"])
+@pytest.mark.parametrize("family", sorted(TINY_BACKBONES))
+def test_every_trainable_parameter_gets_a_gradient(family, decode_head):
+    """What DDP needs (it fails on a trainable parameter without a gradient): the parameters segmentation never
+    uses (mask tokens, Swin's final norm) are frozen, all others get a gradient from the loss and L_SL."""
+    model = _model(family, decode_head=decode_head).train()
+    output = model(
+        torch.randn(2, 3, 45, 61), labels=torch.randint(0, 19, (2, 45, 61)), output_embeddings=True
+    )
+    (output.loss + output.sl_logits.mean()).backward()
+    without = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert without == []
+    frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    expected = {
+        "swin": ["backbone.swin.layernorm.bias", "backbone.swin.layernorm.weight"],
+        "convnext": [],
+        "convnextv2": [],
+    }.get(family, ["backbone.embeddings.mask_token"])
+    assert frozen == expected
+
+
+def test_vit_blocks_after_the_deepest_chosen_layer_are_frozen():
+    torch.manual_seed(0)
+    config = CPSLConfig(
+        backbone_config={**TINY_BACKBONES["dinov3_vit"], "out_indices": [2]},
+        embedding_dim=32,
+        pyramid_channels=16,
+    )
+    model = CPSLForSemanticSegmentation(config).train()
+    frozen_blocks = {
+        name.split(".")[2]
+        for name, p in model.backbone.named_parameters()
+        if not p.requires_grad and ".layer." in name
+    }
+    assert frozen_blocks == {"2", "3"}  # stage2 is block 1's output: blocks 2 and 3 are not read
+    model(torch.randn(1, 3, 32, 32), labels=torch.randint(0, 19, (1, 32, 32))).loss.backward()
+    assert all(
+        p.grad is not None
+        for p in model.parameters()
+        if p.requires_grad and p is not model.self_labeling_head.prototypes
+    )
+
+
 def test_parameter_groups_put_the_pyramid_with_the_head():
     model = _model("dinov2")
     groups = model.parameter_groups()
     head = {id(p) for p in groups["head"]}
     assert {id(p) for p in model.neck.parameters()} <= head
-    assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.backbone.parameters()}
-    assert len(head) + len(groups["backbone"]) + 1 == len(list(model.parameters()))
+    assert {id(p) for p in groups["backbone"]} == {
+        id(p) for p in model.backbone.parameters() if p.requires_grad
+    }
+    assert len(head) + len(groups["backbone"]) + 1 == len([p for p in model.parameters() if p.requires_grad])
 
 
 # ------------------------------------------------------------------------------------------- presets

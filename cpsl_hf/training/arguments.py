@@ -617,8 +617,8 @@ class UDATrainingArguments:
         default=None,
         metadata={
             "help": "Layer-wise learning-rate decay of a plain ViT backbone (DINOv2, DINOv3; BEiT's scheme): with L "
-            "blocks, block i (0-based) trains at learning_rate x layer_decay^(L - i), the patch embedding, class, "
-            "register and mask tokens and position embeddings at learning_rate x layer_decay^(L + 1), the final "
+            "blocks, block i (0-based) trains at learning_rate x layer_decay^(L - i), the patch embedding, class "
+            "and register tokens and position embeddings at learning_rate x layer_decay^(L + 1), the final "
             "norm at learning_rate; the pyramid and the heads are not decayed. In (0, 1]; None: off."
         },
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import torch
@@ -191,18 +190,16 @@ def parameter_groups(model: nn.Module, args: RunArguments) -> tuple[list[dict[st
     return network, prototypes
 
 
-_VIT_BLOCK = re.compile(r"^(?:encoder|model)\.layer\.(\d+)\.")
-"""A transformer block's parameters in DINOv2 (``encoder.layer.i.``) and DINOv3 (``model.layer.i.``) backbones."""
-
-
 def vit_layer_id(name: str, num_layers: int) -> int:
     """Depth of a plain-ViT backbone parameter for layer-wise decay (BEiT's numbering): 0 for the embeddings
-    (patch projection, class / register / mask tokens, position embeddings), i + 1 for block i, ``num_layers`` + 1
+    (patch projection, class / register tokens, position embeddings), i + 1 for block i, ``num_layers`` + 1
     for what follows the blocks (the final norm)."""
+    from cpsl_hf.modeling_cpsl import vit_block_index
+
     if name.startswith("embeddings."):
         return 0
-    block = _VIT_BLOCK.match(name)
-    return int(block.group(1)) + 1 if block else num_layers + 1
+    block = vit_block_index(name)
+    return block + 1 if block is not None else num_layers + 1
 
 
 def layer_decay_groups(

@@ -54,8 +54,9 @@ def test_layer_decay_gives_each_vit_parameter_the_documented_rate(
     network, prototypes = parameter_groups(model, args)
     lr = args.training.learning_rate
     group_of = {id(parameter): group for group in network for parameter in group["params"]}
-    backbone_parameters = list(model.backbone.named_parameters())
+    backbone_parameters = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
     assert len(backbone_parameters) > 20
+    assert not model.backbone.embeddings.mask_token.requires_grad  # unused by segmentation: frozen
     for name, parameter in backbone_parameters:
         assert group_of[id(parameter)]["lr"] == pytest.approx(lr * _expected_rate(name, 0.75), rel=1e-12), (
             name
@@ -65,7 +66,8 @@ def test_layer_decay_gives_each_vit_parameter_the_documented_rate(
     head = next(group for group in network if group["name"] == "head")
     assert head["lr"] == lr and {id(p) for p in model.neck.parameters()} <= {id(p) for p in head["params"]}
     every = [id(p) for group in network for p in group["params"]] + [id(p) for p in prototypes["params"]]
-    assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(every) == sorted(trainable)  # each trainable parameter exactly once
 
 
 def test_layer_decay_ratios_hold_through_the_schedule_of_a_run(encoders, tmp_path, synthetic_cache):

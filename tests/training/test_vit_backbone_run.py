@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import adaptation, run, tiny_argv
+from training_helpers import FINAL_STATE_DRIVER, adaptation, run, run_two_processes, tiny_argv
 from transformers import AutoConfig, Dinov2Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny backbone configs
@@ -66,3 +66,14 @@ def test_cpsl_trains_on_a_vit_backbone_and_resume_equals_a_straight_run(
         assert torch.equal(tensor, expected[f"student.{key}"]), key  # the exported network is the student
     card = (folder / "README.md").read_text()
     assert "DINOv2 ViT (simple feature pyramid) custom size, segformer decode head, D=256" in card
+
+
+def test_two_processes_train_a_vit_backbone_under_ddp(tmp_path, synthetic_cache, dinov2_folder):
+    """DDP fails on a trainable parameter that gets no gradient: the unused mask token is frozen, and the two
+    ranks end with the same student."""
+    argv = tiny_argv(tmp_path / "run", synthetic_cache, "--backbone", str(dinov2_folder), "--cpsl_steps", "1")
+    run_two_processes(FINAL_STATE_DRIVER, tmp_path, argv)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1))
+    assert first["step"] == second["step"] == 3
+    for key, tensor in first["student"].items():
+        assert torch.equal(tensor, second["student"][key]), key
