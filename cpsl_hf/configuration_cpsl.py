@@ -43,7 +43,7 @@ PLAIN_VIT_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 """``AutoBackbone`` families that are plain ViTs: one stride-p token map per layer, turned into strides 4, 8, 16
 and 32 by the simple feature pyramid (ViTDet)."""
 
-HIERARCHICAL_TYPES = ("convnext", "convnextv2", "swin")
+HIERARCHICAL_TYPES = ("convnext", "convnextv2", "dinov3_convnext", "swin", "swinv2")
 """``AutoBackbone`` families with four stages at strides 4, 8, 16 and 32 (stage1 ... stage4)."""
 
 AUTOBACKBONE_HEADS = ("segformer", "upernet")
@@ -211,7 +211,8 @@ class CPSLConfig(PreTrainedConfig):
       four parallel dilated 3x3 convs summed into logits; it has no hidden layer, so its embedding is the
       backbone's last feature map, ``hidden_sizes[-1]``-dim, the input of that linear classifier).
     - Any ``AutoBackbone`` config of the families in ``PLAIN_VIT_TYPES`` (``dinov2``, ``dinov2_with_registers``,
-      ``dinov3_vit``) or ``HIERARCHICAL_TYPES`` (``convnext``, ``convnextv2``, ``swin``), built with
+      ``dinov3_vit``) or ``HIERARCHICAL_TYPES`` (``convnext``, ``convnextv2``, ``dinov3_convnext``, ``swin``,
+      ``swinv2``), built with
       ``AutoBackbone.from_config``; its ``out_indices`` / ``out_features`` choose the levels. A hierarchical
       backbone hands its four stages (strides 4, 8, 16, 32) to the decode head. A plain ViT's levels (one stride-p
       token map per chosen layer, 1 or 4 layers) go through the simple feature pyramid of ViTDet (Li et al. 2022):
@@ -491,7 +492,7 @@ CPSLConfig.register_for_auto_class("AutoConfig")
 
 def _stage_channels(backbone: PreTrainedConfig) -> list[int]:
     """Channels of each entry of a hierarchical ``AutoBackbone``'s ``stage_names`` (stem first)."""
-    if backbone.model_type == "swin":  # the width doubles at each patch merging
+    if backbone.model_type in ("swin", "swinv2"):  # the width doubles at each patch merging
         return [backbone.embed_dim] + [backbone.embed_dim * 2**stage for stage in range(len(backbone.depths))]
     return [backbone.hidden_sizes[0], *backbone.hidden_sizes]
 
@@ -517,7 +518,9 @@ _FAMILY_NAMES = {
     "dinov3_vit": "DINOv3 ViT (simple feature pyramid)",
     "convnext": "ConvNeXt",
     "convnextv2": "ConvNeXt V2",
+    "dinov3_convnext": "DINOv3 ConvNeXt",
     "swin": "Swin Transformer",
+    "swinv2": "Swin Transformer V2",
 }
 
 

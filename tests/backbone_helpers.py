@@ -38,6 +38,18 @@ TINY_BACKBONES: dict[str, dict[str, Any]] = {
     },
     "convnext": {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
     "convnextv2": {"model_type": "convnextv2", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
+    "dinov3_convnext": {
+        "model_type": "dinov3_convnext",
+        "hidden_sizes": [8, 16, 24, 32],
+        "depths": [1, 1, 1, 1],
+    },
+    "swinv2": {
+        "model_type": "swinv2",
+        "embed_dim": 8,
+        "depths": [1, 1, 1, 1],
+        "num_heads": [1, 1, 1, 1],
+        "window_size": 4,
+    },
     "swin": {
         "model_type": "swin",
         "embed_dim": 8,

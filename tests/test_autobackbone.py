@@ -1,4 +1,5 @@
-"""AutoBackbone families (DINOv2, DINOv2 with registers, DINOv3 ViT, ConvNeXt, ConvNeXt V2, Swin): output strides,
+"""AutoBackbone families (DINOv2, DINOv2 with registers, DINOv3 ViT, ConvNeXt, ConvNeXt V2, DINOv3 ConvNeXt, Swin,
+Swin V2): output strides,
 the ViT simple feature pyramid, config validation, presets at the published sizes, and encoder loading.
 
 Round trips, the remote-code path and the pipeline of every family are in test_checkpoint.py."""
@@ -16,8 +17,10 @@ from transformers import (
     Dinov2ForImageClassification,
     Dinov2Model,
     Dinov2WithRegistersModel,
+    DINOv3ConvNextModel,
     DINOv3ViTModel,
     SwinModel,
+    Swinv2Model,
 )
 
 from cpsl_hf import CPSLConfig, CPSLForSemanticSegmentation
@@ -110,7 +113,7 @@ def test_vitdet_single_layer_feeds_all_four_levels():
     assert len(rescale_inputs) == 4 and all(torch.equal(tensor, last_layer) for tensor in rescale_inputs)
 
 
-@pytest.mark.parametrize("family", ["convnext", "convnextv2", "swin"])
+@pytest.mark.parametrize("family", ["convnext", "convnextv2", "dinov3_convnext", "swin", "swinv2"])
 def test_hierarchical_levels_are_the_four_stages_of_the_padded_image_cropped(family):
     model = _model(family)
     pixels = torch.randn(1, 3, 45, 61)
@@ -154,8 +157,10 @@ def test_every_trainable_parameter_gets_a_gradient(family, decode_head):
     frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
     expected = {
         "swin": ["backbone.swin.layernorm.bias", "backbone.swin.layernorm.weight"],
+        "swinv2": [],
         "convnext": [],
         "convnextv2": [],
+        "dinov3_convnext": [],
     }.get(family, ["backbone.embeddings.mask_token"])
     assert frozen == expected
 
@@ -262,7 +267,9 @@ ENCODER_CLASSES = {
     "dinov3_vit": DINOv3ViTModel,
     "convnext": ConvNextModel,
     "convnextv2": ConvNextV2Model,
+    "dinov3_convnext": DINOv3ConvNextModel,
     "swin": SwinModel,
+    "swinv2": Swinv2Model,
 }
 
 
@@ -294,13 +301,14 @@ def test_from_pretrained_backbone_loads_every_encoder_tensor(family, tmp_path):
     assert info["missing_keys"] == [] and info["mismatched_keys"] == []
     assert sorted(saved_name(key) for key in info["new_layers"]) == sorted(set(backbone) - set(saved))
     assert info["unexpected_keys"] == sorted(set(saved) - set(backbone))
-    if family in PLAIN_VITS:
-        assert info["new_layers"] == []
-        assert model.config.backbone_config.out_indices == [1, 2, 3, 4]  # L/4 ... L of 4 layers
-    else:
+    if family in ("convnext", "convnextv2", "swin"):  # their backbones add per-stage output norms
         assert info["new_layers"] and all(
             key.startswith("hidden_states_norms.") for key in info["new_layers"]
         )
+    else:
+        assert info["new_layers"] == []
+    if family in PLAIN_VITS:
+        assert model.config.backbone_config.out_indices == [1, 2, 3, 4]  # L/4 ... L of 4 layers
     assert model.config.num_labels == 16 and model.config.backbone_type == family
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 45, 61)).logits.shape == (1, 16, 12, 16)
