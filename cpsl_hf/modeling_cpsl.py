@@ -164,8 +164,10 @@ class CPSLSegformerDecodeHead(nn.Module):
     ``config.segformer_embedding="pre_activation"``) or the ReLU output the classifier reads
     (``"post_activation"``).
 
-    Input: the 4 encoder feature maps, N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32).
-    Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``decoder_hidden_size``.
+    Input: the 4 encoder feature maps, N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32; C_i =
+    ``config.backbone_level_channels``).
+    Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``config.embedding_dim`` (a
+    SegFormer backbone's ``decoder_hidden_size``).
 
     The function is SegFormer's, ``fuse(cat_i(upsample(proj_i(x_i))))``, computed in an equivalent order: the
     1x1 fuse is a sum of one D x D block per level and bilinear upsampling commutes with per-pixel affine maps
