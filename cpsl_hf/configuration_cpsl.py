@@ -506,6 +506,8 @@ _PRESET_DEFINING_FIELDS = (
     "num_hidden_layers",
     "patch_size",
     "embed_dim",
+    "intermediate_size",
+    "mlp_ratio",
 )
 """The backbone-config fields that tell the presets apart (the encoder's size and family); a preset is compared
 on those it sets."""

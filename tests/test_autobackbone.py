@@ -256,6 +256,16 @@ def test_foundation_presets_read_four_levels_and_are_recognised():
         "Swin Transformer swin-base, segformer decode head, D=512"
     )
     assert matching_preset(tiny_backbone_config("dinov2")) is None
+    splus = {  # DINOv3 ViT-S+/16: ViT-S's width and depth, a wider gated MLP; not the vits16 preset
+        "model_type": "dinov3_vit",
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536 * 3 // 2,
+        "use_gated_mlp": True,
+        "out_indices": [3, 6, 9, 12],
+    }
+    assert matching_preset(CPSLConfig(backbone_config=splus)) is None
     chosen = CPSLConfig.from_preset("dinov2-base", out_features=["stage12"])
     assert chosen.backbone_config.out_indices == [12]
 
