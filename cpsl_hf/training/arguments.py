@@ -97,7 +97,8 @@ class ModelArguments:
         default=False,
         metadata={
             "help": "Train only the feature pyramid (ViTs), the decode head and W: the backbone's parameters get "
-            "no gradient and no optimiser state (a linear-probe-like adaptation of a foundation model)."
+            "no gradient and no optimiser state (a linear-probe-like adaptation of a foundation model). A ResNet's "
+            "BatchNorm statistics still follow the batches (train mode)."
         },
     )
     gradient_checkpointing: bool = field(
