@@ -21,7 +21,8 @@ timing that call in the same steps. On a GPU every timed region is closed by ``t
 The GPU section prints the GPU's name, the torch / CUDA / cuDNN / transformers versions and one row per model and
 precision: ``segformer-b5`` 512x512 batch 2+2 and ``deeplabv2-r101`` 896x512 batch 4+4, each in fp32 (TF32
 matmuls and cuDNN convolutions allowed, ``--allow_tf32 true``), bf16 autocast, and bf16 + ``torch.compile``
-(``--torch_compile true``). Columns:
+(``--torch_compile true``); then :data:`LATER_GPU_ROWS`: ``dinov2-large`` 512x512 batch 2+2 (fp32, bf16, bf16 with
+``--gradient_checkpointing``) and ``dinov3-vitl16`` (bf16), with ``--layer_decay 0.9``. Columns:
 seconds per step of both stages and their ratio, images per second (source + target images of a step / seconds),
 peak GPU memory (``torch.cuda.max_memory_allocated``, reset before each row's timed rounds; '-' on the CPU), the
 FLOPs of one CPSL step and the model FLOPs utilisation (MFU).
@@ -163,12 +164,20 @@ GPU_ROWS: list[Row] = [
         "deeplabv2-r101", "deeplabv2-r101", (512, 896), (1024, 2048), 4, GPU_PRECISIONS, reference=True
     ),
 ]
-"""The ``--gpu`` rows. Hook for later rows: once the ViT-L backbone issue lands its preset, append
-``*model_rows("vit-l", "<preset name>", (512, 512), (512, 1024), 2, GPU_PRECISIONS)`` to :data:`LATER_GPU_ROWS`
-(no row until the preset exists)."""
+"""The ``--gpu`` rows."""
 
-LATER_GPU_ROWS: list[Row] = []
-"""Rows for presets that do not exist yet (ViT-L); measured after :data:`GPU_ROWS` by ``--gpu``."""
+_VIT_L_FLAGS = ("--layer_decay", "0.9")
+LATER_GPU_ROWS: list[Row] = [
+    *model_rows("dinov2-large", "dinov2-large", (512, 512), (512, 1024), 2, ("fp32", "bf16"), _VIT_L_FLAGS),
+    *model_rows(
+        "dinov2-large ckpt", "dinov2-large", (512, 512), (512, 1024), 2, ("bf16",),
+        (*_VIT_L_FLAGS, "--gradient_checkpointing"),
+    ),
+    *model_rows("dinov3-vitl16", "dinov3-vitl16", (512, 512), (512, 1024), 2, ("bf16",), _VIT_L_FLAGS),
+]  # fmt: skip
+"""The ViT-L rows (the recipes of configs/gta5_cityscapes_dinov2_large.yaml and ..._dinov3_vitl16.yaml at random
+weights, with and without activation checkpointing), measured after :data:`GPU_ROWS` by ``--gpu``: their peak
+memory checks the meta-device estimate of ``bench/memory.py`` (README: which config for which GPU)."""
 
 CPU_ROWS: list[Row] = [Row("segformer-tiny (demo)", "segformer-tiny", (128, 128), (128, 256), 8, "fp32")]
 """The default section (no flag): the CPU demo preset."""

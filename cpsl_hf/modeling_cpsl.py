@@ -1,7 +1,9 @@
 """CPSL segmentation model: a transformers backbone + decode head + self-labeling (cosine prototype) head.
 
-Backbones come from ``transformers``: ``SegformerModel`` (MiT-B0..B5) with the SegFormer all-MLP decode head, or
-``ResNetModel`` dilated in place to output stride 8 with a DeepLab-V2 ASPP head (plain or the ProDA/CPSL variant).
+Backbones come from ``transformers``: ``SegformerModel`` (MiT-B0..B5) with the SegFormer all-MLP decode head,
+``ResNetModel`` dilated in place to output stride 8 with a DeepLab-V2 ASPP head (plain or the ProDA/CPSL variant),
+or any ``AutoBackbone`` family of ``configuration_cpsl.PLAIN_VIT_TYPES`` / ``HIERARCHICAL_TYPES`` (DINOv2, DINOv3,
+ConvNeXt, Swin) with the SegFormer head; plain ViTs go through ViTDet's simple feature pyramid first.
 This file travels with every saved checkpoint as remote code, so it imports only ``torch``, ``transformers`` and
 ``configuration_cpsl`` (relatively).
 """
@@ -9,17 +11,21 @@ This file travels with every saved checkpoint as remote code, so it imports only
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, PreTrainedModel, ResNetModel, SegformerModel
+from transformers import AutoBackbone, AutoConfig, PreTrainedModel, ResNetModel, SegformerModel
 from transformers import initialization as init
 from transformers.models.resnet.modeling_resnet import ResNetShortCut
+from transformers.models.upernet.modeling_upernet import UperNetHead
 from transformers.utils import ModelOutput
 
-from .configuration_cpsl import PRESETS, CPSLConfig
+from .configuration_cpsl import DECODE_HEADS, PRESETS, PYRAMID_STRIDES, CPSLConfig, default_out_indices
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +170,10 @@ class CPSLSegformerDecodeHead(nn.Module):
     ``config.segformer_embedding="pre_activation"``) or the ReLU output the classifier reads
     (``"post_activation"``).
 
-    Input: the 4 encoder feature maps, N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32).
-    Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``decoder_hidden_size``.
+    Input: the 4 encoder feature maps, N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32; C_i =
+    ``config.backbone_level_channels``).
+    Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``config.embedding_dim`` (a
+    SegFormer backbone's ``decoder_hidden_size``).
 
     The function is SegFormer's, ``fuse(cat_i(upsample(proj_i(x_i))))``, computed in an equivalent order: the
     1x1 fuse is a sum of one D x D block per level and bilinear upsampling commutes with per-pixel affine maps
@@ -177,12 +185,12 @@ class CPSLSegformerDecodeHead(nn.Module):
 
     def __init__(self, config: CPSLConfig):
         super().__init__()
-        backbone = config.backbone_config
-        decoder_size = backbone.decoder_hidden_size
+        level_channels = config.backbone_level_channels
+        decoder_size = config.embedding_dim
         self.linear_projections = nn.ModuleList(
-            [SegformerProjection(hidden_size, decoder_size) for hidden_size in backbone.hidden_sizes]
+            [SegformerProjection(channels, decoder_size) for channels in level_channels]
         )
-        self.linear_fuse = nn.Conv2d(decoder_size * len(backbone.hidden_sizes), decoder_size, 1, bias=False)
+        self.linear_fuse = nn.Conv2d(decoder_size * len(level_channels), decoder_size, 1, bias=False)
         self.batch_norm = nn.BatchNorm2d(decoder_size)
         self.activation = nn.ReLU()
         self.dropout = MaskDropout(config.classifier_dropout_prob)
@@ -218,6 +226,110 @@ class SegformerProjection(nn.Module):
     def __init__(self, input_dim: int, output_dim: int):
         super().__init__()
         self.proj = nn.Linear(input_dim, output_dim)
+
+
+class CPSLUperNetHead(UperNetHead):
+    """transformers' ``UperNetHead`` (Xiao et al. 2018: pyramid pooling on the deepest level, FPN laterals, 3x3
+    convs, a 3x3 fuse of the four levels; the same layers and weight names) that also returns the pixel embedding:
+    the fuse's BatchNorm output before its ReLU (signed). Dropout (``classifier_dropout_prob``, as mmsegmentation's
+    UperNet) precedes the 1x1 classifier, which reads the ReLU output as in transformers.
+
+    Input: the 4 levels N x C_i x H/s_i x W/s_i (s_i = 4, 8, 16, 32).
+    Output: ``(embeddings N x D x H/4 x W/4, logits N x C x H/4 x W/4)``, D = ``embedding_dim``.
+    """
+
+    def __init__(self, config: CPSLConfig):
+        head_config = SimpleNamespace(
+            pool_scales=tuple(config.upernet_pool_scales),
+            hidden_size=config.embedding_dim,
+            num_labels=config.num_labels,
+        )
+        super().__init__(head_config, config.backbone_level_channels)
+        self.dropout = MaskDropout(config.classifier_dropout_prob)
+
+    def forward(self, encoder_hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        # UperNetHead.forward up to its fuse, which it runs whole (conv, BatchNorm, ReLU) into the classifier.
+        laterals = [lateral(encoder_hidden_states[i]) for i, lateral in enumerate(self.lateral_convs)]
+        laterals.append(self.psp_forward(encoder_hidden_states))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down path
+            laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[2:])
+        outputs = [fpn_conv(lateral) for fpn_conv, lateral in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        outputs = [outputs[0]] + [resize_bilinear(level, outputs[0].shape[2:]) for level in outputs[1:]]
+        fuse = self.fpn_bottleneck
+        embeddings = fuse.batch_norm(fuse.conv(torch.cat(outputs, dim=1)))
+        logits = self.classifier(self.dropout(fuse.activation(embeddings)))
+        return embeddings, logits
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of N x C x h x w maps (ViTDet's ``LayerNorm2d``). Input and output: N x C x h x w."""
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return super().forward(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al. 2022, "Exploring plain vision transformer backbones"): four maps
+    at strides 4, 8, 16 and 32 from the stride-p token maps of a plain ViT.
+
+    Level 0 upsamples x4 (2x2 deconvolution to D/2, channel LayerNorm, GELU, 2x2 deconvolution to D/4), level 1 x2
+    (a 2x2 deconvolution to D/2), level 2 keeps the map and level 3 max-pools 2x2 (ceil mode); each is then
+    cropped to the image (the input was padded to a multiple of p), resized to ceil(H / s) x ceil(W / s) when
+    p / scale is not s (p = 14), and goes through a 1x1 conv and a 3x3 conv to ``pyramid_channels``, each followed
+    by a channel LayerNorm (no biases). With one ViT layer every level reads it (ViTDet); with four, level i reads
+    the i-th (as the BEiT / DINOv2 segmentation heads).
+
+    Input: 1 or 4 maps N x D x ceil(H/p) x ceil(W/p) and the image size (H, W).
+    Output: 4 maps N x ``pyramid_channels`` x ceil(H/s) x ceil(W/s), s = 4, 8, 16, 32.
+    """
+
+    SCALES = (4.0, 2.0, 1.0, 0.5)
+
+    def __init__(self, hidden_size: int, channels: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        half, quarter = hidden_size // 2, hidden_size // 4
+        self.rescales = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.ConvTranspose2d(hidden_size, half, 2, stride=2),
+                    ChannelLayerNorm(half),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(half, quarter, 2, stride=2),
+                ),
+                nn.ConvTranspose2d(hidden_size, half, 2, stride=2),
+                nn.Identity(),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+        )
+        self.outputs = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(width, channels, 1, bias=False),
+                    ChannelLayerNorm(channels),
+                    nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                    ChannelLayerNorm(channels),
+                )
+                for width in (quarter, half, hidden_size, hidden_size)
+            ]
+        )
+
+    def forward(
+        self, token_maps: tuple[torch.Tensor, ...], image_size: tuple[int, int]
+    ) -> list[torch.Tensor]:
+        height, width = image_size
+        levels = []
+        for index, (scale, stride) in enumerate(zip(self.SCALES, PYRAMID_STRIDES)):
+            token_map = token_maps[index if len(token_maps) == len(self.SCALES) else 0]
+            rescaled = self.rescales[index](token_map)
+            covered = (
+                math.ceil(height * scale / self.patch_size),
+                math.ceil(width * scale / self.patch_size),
+            )
+            rescaled = rescaled[:, :, : covered[0], : covered[1]]
+            rescaled = resize_bilinear(rescaled, (math.ceil(height / stride), math.ceil(width / stride)))
+            levels.append(self.outputs[index](rescaled))
+        return levels
 
 
 class DeepLabV2ASPPHead(nn.Module):
@@ -350,11 +462,48 @@ def dilate_resnet_(resnet: ResNetModel, stage_dilations: list[int]) -> ResNetMod
     return resnet
 
 
-def build_backbone(config: CPSLConfig) -> SegformerModel | ResNetModel:
-    """The encoder of ``config``: a ``SegformerModel`` or a dilated ``ResNetModel`` (random weights)."""
+def build_backbone(config: CPSLConfig) -> nn.Module:
+    """The encoder of ``config`` (random weights): a ``SegformerModel``, a dilated ``ResNetModel`` or the
+    ``AutoBackbone`` of the config's family (``Dinov2Backbone``, ``SwinBackbone`` ...)."""
     if config.backbone_type == "segformer":
         return SegformerModel(config.backbone_config)
-    return dilate_resnet_(ResNetModel(config.backbone_config), config.resnet_stage_dilations)
+    if config.backbone_type == "resnet":
+        return dilate_resnet_(ResNetModel(config.backbone_config), config.resnet_stage_dilations)
+    return AutoBackbone.from_config(config.backbone_config)
+
+
+_VIT_BLOCK = re.compile(r"^(?:encoder|model)\.layer\.(\d+)\.")
+"""A transformer block's parameters in DINOv2 (``encoder.layer.i.``) and DINOv3 (``model.layer.i.``) backbones."""
+
+
+def vit_block_index(name: str) -> int | None:
+    """The 0-based block of a plain-ViT backbone parameter name (``encoder.layer.3.mlp...`` -> 3); None outside
+    the blocks (embeddings, final norm)."""
+    block = _VIT_BLOCK.match(name)
+    return int(block.group(1)) if block else None
+
+
+def unused_by_segmentation(name: str, config: CPSLConfig) -> bool:
+    """True for a backbone parameter that segmentation never uses, frozen at construction (no gradient could
+    reach it, and DDP requires one for every trainable parameter): the mask token of DINOv2 / DINOv3 (masked-image
+    pretraining only), Swin's final LayerNorm (the backbone normalises each stage with its own), and the ViT blocks
+    after the deepest layer in ``out_indices`` (they run, their output is not read)."""
+    if not config.is_autobackbone:
+        return False
+    if name.startswith("embeddings.") and name.endswith("mask_token"):
+        return True
+    if config.backbone_type == "swin":
+        return name.startswith(("swin.layernorm.", "layernorm."))
+    if config.is_plain_vit:
+        block = vit_block_index(name)
+        return block is not None and block >= max(config.backbone_config.out_indices)
+    return False
+
+
+def backbone_input_multiple(config: CPSLConfig) -> int:
+    """The side an ``AutoBackbone``'s input is padded to a multiple of: the patch size p of a plain ViT, 32 (the
+    deepest stride) for a hierarchical backbone."""
+    return config.backbone_config.patch_size if config.is_plain_vit else PYRAMID_STRIDES[-1]
 
 
 def build_image_processor():
@@ -398,7 +547,7 @@ class CPSLPreTrainedModel(PreTrainedModel):
         normal(0, initializer_range) (only their directions matter).
         """
         std = self.config.initializer_range
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             scheme = getattr(module, "cpsl_init", std)
             if scheme in ("kaiming_fan_in", "kaiming_fan_out"):
                 init.kaiming_normal_(module.weight, a=0, mode=scheme.removeprefix("kaiming_"))
@@ -406,7 +555,7 @@ class CPSLPreTrainedModel(PreTrainedModel):
                 init.normal_(module.weight, mean=0.0, std=scheme)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
             if isinstance(module, nn.BatchNorm2d):
@@ -421,16 +570,30 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
     """Backbone + decode head + self-labeling head (SPEC.md: f_SEG and f_SL).
 
     Attributes:
-        backbone: ``SegformerModel`` or dilated ``ResNetModel`` (weight names as in transformers).
-        decode_head: ``CPSLSegformerDecodeHead``, ``ProDAASPPHead`` or ``DeepLabV2ASPPHead``.
+        backbone: ``SegformerModel``, dilated ``ResNetModel`` or an ``AutoBackbone`` (weight names as in
+            transformers).
+        neck: ``SimpleFeaturePyramid`` for plain ViTs, else ``None``.
+        decode_head: ``CPSLSegformerDecodeHead``, ``CPSLUperNetHead``, ``ProDAASPPHead`` or ``DeepLabV2ASPPHead``.
         self_labeling_head: ``CPSLSelfLabelingHead`` with ``.prototypes`` (C x D) and ``.temperature``.
     """
 
     def __init__(self, config: CPSLConfig):
         super().__init__(config)
         self.backbone = build_backbone(config)
+        for name, parameter in self.backbone.named_parameters():
+            if unused_by_segmentation(name, config):
+                parameter.requires_grad_(False)
+        self.neck = (
+            SimpleFeaturePyramid(
+                config.backbone_config.hidden_size, config.pyramid_channels, config.backbone_config.patch_size
+            )
+            if config.is_plain_vit
+            else None
+        )
         if config.decode_head == "segformer":
             self.decode_head = CPSLSegformerDecodeHead(config)
+        elif config.decode_head == "upernet":
+            self.decode_head = CPSLUperNetHead(config)
         elif config.decode_head == "proda":
             self.decode_head = ProDAASPPHead(
                 config.backbone_config.hidden_sizes[-1],
@@ -468,9 +631,34 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
             )
         if self.config.backbone_type == "segformer":
             features = self.backbone(pixel_values, output_hidden_states=True).hidden_states
-        else:
+        elif self.config.backbone_type == "resnet":
             features = self.backbone(pixel_values).last_hidden_state
+        else:
+            features = self.autobackbone_levels(pixel_values)
         return self.decode_head(features)
+
+    def autobackbone_levels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The four maps an ``AutoBackbone`` hands the decode head.
+
+        The images are zero-padded on the bottom and right to a multiple of :func:`backbone_input_multiple` (p or
+        32; zero is the mean colour after normalisation); a plain ViT's token maps go through the simple feature
+        pyramid, a hierarchical backbone's stages are cropped back to the image.
+
+        Args:
+            pixel_values: N x 3 x H x W.
+        Returns:
+            4 maps N x C_i x ceil(H/s) x ceil(W/s), s = 4, 8, 16, 32 (C_i: ``config.backbone_level_channels``).
+        """
+        height, width = pixel_values.shape[-2:]
+        multiple = backbone_input_multiple(self.config)
+        padded = F.pad(pixel_values, (0, -width % multiple, 0, -height % multiple))
+        feature_maps = self.backbone(padded).feature_maps
+        if self.neck is not None:
+            return self.neck(feature_maps, (height, width))
+        return [
+            features[:, :, : math.ceil(height / stride), : math.ceil(width / stride)]
+            for features, stride in zip(feature_maps, PYRAMID_STRIDES)
+        ]
 
     def forward(
         self,
@@ -530,11 +718,12 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
 
     # ------------------------------------------------------------------ training helpers
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by role, each exactly once: ``"backbone"`` (encoder), ``"head"`` (decode head
-        incl. classifier) and ``"prototypes"`` (W). Parameters with ``requires_grad=False`` are left out."""
+        """Trainable parameters by role, each exactly once: ``"backbone"`` (encoder), ``"head"`` (the ViT feature
+        pyramid, if any, and the decode head incl. classifier) and ``"prototypes"`` (W). Parameters with ``requires_grad=False`` are left out."""
+        neck = [] if self.neck is None else list(self.neck.parameters())
         groups = {
             "backbone": list(self.backbone.parameters()),
-            "head": list(self.decode_head.parameters()),
+            "head": neck + list(self.decode_head.parameters()),
             "prototypes": [self.self_labeling_head.prototypes],
         }
         return {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
@@ -549,12 +738,17 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
         strict: bool = False,
         **config_overrides,
     ) -> CPSLForSemanticSegmentation:
-        """Build a model whose encoder is loaded from a ``SegformerModel``/MiT (``nvidia/mit-b5``) or ``ResNetModel``
-        (``microsoft/resnet-101``) checkpoint (Hub id or folder; heads of classification/segmentation checkpoints
-        are reported as unexpected and skipped). Decode head and prototypes are freshly initialised.
+        """Build a model whose encoder is loaded from a pretrained checkpoint (Hub id or folder): a
+        ``SegformerModel``/MiT (``nvidia/mit-b5``), a ``ResNetModel`` (``microsoft/resnet-101``) or a model of an
+        ``AutoBackbone`` family (``facebook/dinov2-large``, ``facebook/dinov3-vitl16-pretrain-lvd1689m``,
+        ``facebook/convnext-base-224``, ``microsoft/swin-tiny-patch4-window7-224`` ...). Heads of
+        classification/segmentation checkpoints are reported as unexpected and skipped. Decode head, ViT feature
+        pyramid and prototypes are freshly initialised.
 
         For a MiT encoder whose (depths, hidden_sizes) match a SegFormer preset, the decode-head width defaults to
-        that preset's (256 for B0/B1, 768 for B2-B5); pass ``decoder_hidden_size=...`` to choose.
+        that preset's (256 for B0/B1, 768 for B2-B5); pass ``decoder_hidden_size=...`` to choose. An AutoBackbone
+        hands over ``default_out_indices`` (stages 1-4; layers L/4, L/2, 3L/4, L of a ViT) unless
+        ``out_indices=...`` or ``out_features=...`` is given.
 
         Args:
             name_or_path: Hub id or local folder of the encoder checkpoint.
@@ -563,23 +757,24 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
             config_overrides: ``CPSLConfig`` or backbone-config fields, as in ``CPSLConfig.from_preset``.
         Returns:
             the model; ``model.backbone_loading_info`` holds ``missing_keys``, ``unexpected_keys`` and
-            ``mismatched_keys`` of the encoder load.
+            ``mismatched_keys`` of the encoder load, and ``new_layers``: the per-stage output LayerNorms that
+            ConvNeXt / Swin backbones add (``hidden_states_norms.*``, not part of an encoder checkpoint; initialised
+            to the identity and trained with the encoder).
         """
         encoder_config = AutoConfig.from_pretrained(name_or_path)
-        if encoder_config.model_type not in ("segformer", "resnet"):
+        model_type = encoder_config.model_type
+        if model_type not in DECODE_HEADS:
             raise ValueError(
-                f"from_pretrained_backbone: {name_or_path!r} has model_type={encoder_config.model_type!r}; "
-                "expected a SegFormer/MiT ('segformer') or ResNet ('resnet') checkpoint."
+                f"from_pretrained_backbone: {name_or_path!r} has model_type={model_type!r}; expected one of "
+                f"{sorted(DECODE_HEADS)} (SegFormer/MiT, ResNet or an AutoBackbone family)."
             )
         backbone_dict = {
             key: value
             for key, value in encoder_config.to_dict().items()
             if key not in ("id2label", "label2id", "architectures", "transformers_version", "_name_or_path")
         }
-        top_level, backbone_overrides = CPSLConfig.route_overrides(
-            encoder_config.model_type, config_overrides
-        )
-        if encoder_config.model_type == "segformer" and "decoder_hidden_size" not in backbone_overrides:
+        top_level, backbone_overrides = CPSLConfig.route_overrides(model_type, config_overrides)
+        if model_type == "segformer" and "decoder_hidden_size" not in backbone_overrides:
             for preset in PRESETS.values():
                 preset_backbone = preset["backbone_config"]
                 if preset_backbone["model_type"] == "segformer" and (
@@ -587,20 +782,30 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
                     and list(preset_backbone["hidden_sizes"]) == list(encoder_config.hidden_sizes)
                 ):
                     backbone_overrides["decoder_hidden_size"] = preset_backbone["decoder_hidden_size"]
+        if model_type not in ("segformer", "resnet"):
+            set_backbone_levels(backbone_dict, backbone_overrides)
         backbone_dict.update(backbone_overrides)
         if id2label is not None:
             top_level["id2label"] = {int(key): value for key, value in id2label.items()}
         config = CPSLConfig(backbone_config=backbone_dict, num_labels=num_labels, **top_level)
         model = cls(config)
 
-        encoder_class = SegformerModel if encoder_config.model_type == "segformer" else ResNetModel
+        # The AutoBackbone's own class (Dinov2Backbone ...): AutoBackbone.from_pretrained asks the Hub whether the
+        # name is a repo before it reads a local folder, and fails offline.
+        encoder_class = {"segformer": SegformerModel, "resnet": ResNetModel}.get(
+            model_type, type(model.backbone)
+        )
         encoder, loading_info = encoder_class.from_pretrained(
             name_or_path, config=config.backbone_config, output_loading_info=True
         )
         model.backbone.load_state_dict(encoder.state_dict(), strict=True)
+        missing = sorted(loading_info.get("missing_keys", []))
+        new_layers = [key for key in missing if key.startswith(ADDED_BACKBONE_LAYERS)]
         model.backbone_loading_info = {
-            key: sorted(loading_info.get(key, []))
-            for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            "missing_keys": [key for key in missing if key not in new_layers],
+            "unexpected_keys": sorted(loading_info.get("unexpected_keys", [])),
+            "mismatched_keys": sorted(loading_info.get("mismatched_keys", [])),
+            "new_layers": new_layers,
         }
         missing = model.backbone_loading_info["missing_keys"] + model.backbone_loading_info["mismatched_keys"]
         if missing and strict:
@@ -614,6 +819,10 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
                 "from_pretrained_backbone: checkpoint weights not used by the encoder (%s): %s",
                 name_or_path,
                 model.backbone_loading_info["unexpected_keys"],
+            )
+        if new_layers:
+            logger.info(
+                "from_pretrained_backbone: layers the backbone adds, newly initialised: %s", new_layers
             )
         return model
 
@@ -634,6 +843,23 @@ class CPSLForSemanticSegmentation(CPSLPreTrainedModel):
             }
             build_image_processor().save_pretrained(save_directory, push_to_hub=push_to_hub, **hub_kwargs)
         return result
+
+
+ADDED_BACKBONE_LAYERS = ("hidden_states_norms.",)
+"""Prefixes of the layers an ``AutoBackbone`` adds to its encoder (per-stage output norms of ConvNeXt / Swin)."""
+
+
+def set_backbone_levels(backbone_dict: dict, overrides: dict) -> None:
+    """Make an AutoBackbone config dict hand over the levels CPSL reads, in place: ``overrides``' ``out_indices``
+    or ``out_features`` when given (the other one is dropped, transformers rejects two that disagree), else
+    :func:`default_out_indices`."""
+    if "out_features" in overrides:
+        backbone_dict.pop("out_indices", None)
+    else:
+        backbone_dict.pop("out_features", None)
+        if "out_indices" not in overrides:
+            layers = backbone_dict.get("num_hidden_layers", 0)
+            backbone_dict["out_indices"] = default_out_indices(backbone_dict["model_type"], layers)
 
 
 _MODEL_ONLY_SAVE_ARGUMENTS = {

@@ -137,4 +137,12 @@ def test_gpu_rows_are_the_published_recipes_in_three_precisions():
         for precision in ("fp32", "bf16", "bf16+compile")
     ]
     assert [row.reference for row in bench.GPU_ROWS] == [False] * 3 + [True] * 3
-    assert bench.LATER_GPU_ROWS == []  # the ViT-L hook: no row before its preset exists
+    later = [(row.label, row.backbone, row.precision, row.extra) for row in bench.LATER_GPU_ROWS]
+    decay = ("--layer_decay", "0.9")
+    assert later == [
+        ("dinov2-large", "dinov2-large", "fp32", decay),
+        ("dinov2-large", "dinov2-large", "bf16", decay),
+        ("dinov2-large ckpt", "dinov2-large", "bf16", (*decay, "--gradient_checkpointing")),
+        ("dinov3-vitl16", "dinov3-vitl16", "bf16", decay),
+    ]
+    assert all(row.crop == (512, 512) and row.batch == 2 for row in bench.LATER_GPU_ROWS)

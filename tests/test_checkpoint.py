@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from backbone_helpers import TINY_BACKBONES, tiny_backbone_config
 from PIL import Image
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
@@ -28,16 +29,24 @@ TINY_RESNET = {
 CONFIGS = {
     "segformer": lambda: CPSLConfig.from_preset("segformer-tiny"),
     "deeplabv2": lambda: CPSLConfig(backbone_config=dict(TINY_RESNET), embedding_dim=32),
+    # Every AutoBackbone family (tests/backbone_helpers.py): DINOv2 (with registers), DINOv3, ConvNeXt (V2), Swin.
+    **{family: (lambda family=family: tiny_backbone_config(family)) for family in TINY_BACKBONES},
+    "dinov2-upernet": lambda: tiny_backbone_config("dinov2", decode_head="upernet"),
 }
 
 
 def _perturb_running_statistics(model: CPSLForSemanticSegmentation) -> None:
-    """Give every BatchNorm non-default running statistics, so a load that missed buffers would show."""
+    """Give every BatchNorm non-default running statistics and every LayerNorm a non-default affine map, so a
+    load that missed buffers or re-initialised a norm (the ViT pyramid's, a backbone's) would show."""
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
             module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+        elif isinstance(module, torch.nn.LayerNorm):
+            with torch.no_grad():
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
 
 
 @pytest.fixture(scope="module")

@@ -334,7 +334,12 @@ def test_from_pretrained_backbone_loads_every_segformer_weight(tmp_path):
     encoder.save_pretrained(tmp_path / "mit")
     model = CPSLForSemanticSegmentation.from_pretrained_backbone(str(tmp_path / "mit"), num_labels=16)
     _assert_backbone_equals(model, encoder.state_dict())
-    assert model.backbone_loading_info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert model.backbone_loading_info == {
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "mismatched_keys": [],
+        "new_layers": [],
+    }
     assert model.config.num_labels == 16 and model.config.id2label[15] == "bicycle"
     assert model.config.embedding_dim == 32 and model.config.backbone_config.hidden_sizes == [8, 16, 24, 32]
     assert "LABEL_999" not in json.dumps(model.config.to_dict())  # the encoder's own classes are dropped
@@ -378,7 +383,19 @@ def test_from_pretrained_backbone_rejects_other_architectures(tmp_path):
 
 
 def test_presets_registry_names():
-    assert set(PRESETS) == {f"segformer-b{i}" for i in range(6)} | {"segformer-tiny", "deeplabv2-r101"}
+    assert set(PRESETS) == {f"segformer-b{i}" for i in range(6)} | {"segformer-tiny", "deeplabv2-r101"} | {
+        "dinov2-small",
+        "dinov2-base",
+        "dinov2-large",
+        "dinov3-vits16",
+        "dinov3-vitb16",
+        "dinov3-vitl16",
+        "convnext-tiny",
+        "convnext-base",
+        "convnext-large",
+        "swin-tiny",
+        "swin-base",
+    }
 
 
 @pytest.mark.parametrize("size", [(64, 64), (72, 40)])

@@ -76,7 +76,23 @@ def peek_dataset(dataset, count: int = 4) -> tuple[tuple[int, int], int | None]:
 
 
 def build_model(args: RunArguments) -> nn.Module:
-    """The student: a full CPSL checkpoint, a preset with random weights, or a pretrained encoder."""
+    """The student: a full CPSL checkpoint, a preset with random weights, or a pretrained encoder; with the
+    backbone frozen (``--freeze_backbone``) and activation-checkpointed (``--gradient_checkpointing``) as asked."""
+    model = _build_network(args)
+    if args.model.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    if args.model.gradient_checkpointing:
+        if not model.backbone.supports_gradient_checkpointing:
+            raise ConfigurationError(
+                f"--gradient_checkpointing: the {model.config.backbone_type} backbone "
+                f"({type(model.backbone).__name__}) does not support activation checkpointing in transformers"
+            )
+        model.backbone.activation_checkpointing_enable()
+    return model
+
+
+def _build_network(args: RunArguments) -> nn.Module:
+    """The student's network as ``--model_name_or_path`` or ``--backbone`` describe it."""
     from cpsl_hf.configuration_cpsl import PRESETS, CPSLConfig
     from cpsl_hf.modeling_cpsl import CPSLForSemanticSegmentation
 
@@ -150,8 +166,19 @@ def parameter_groups(model: nn.Module, args: RunArguments) -> tuple[list[dict[st
     groups = model.parameter_groups()
     lr = training.learning_rate
     head_lr = lr * training.head_lr_multiplier
+    if training.layer_decay is not None:
+        backbone = layer_decay_groups(model, lr, training.layer_decay, training.weight_decay)
+    else:
+        backbone = [
+            {
+                "params": groups["backbone"],
+                "lr": lr,
+                "weight_decay": training.weight_decay,
+                "name": "backbone",
+            }
+        ]
     network = [
-        {"params": groups["backbone"], "lr": lr, "weight_decay": training.weight_decay, "name": "backbone"},
+        *[group for group in backbone if group["params"]],  # none when --freeze_backbone
         {"params": groups["head"], "lr": head_lr, "weight_decay": training.weight_decay, "name": "head"},
     ]
     prototypes = {
@@ -161,3 +188,49 @@ def parameter_groups(model: nn.Module, args: RunArguments) -> tuple[list[dict[st
         "name": "prototypes",
     }
     return network, prototypes
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """Depth of a plain-ViT backbone parameter for layer-wise decay (BEiT's numbering): 0 for the embeddings
+    (patch projection, class / register tokens, position embeddings), i + 1 for block i, ``num_layers`` + 1
+    for what follows the blocks (the final norm)."""
+    from cpsl_hf.modeling_cpsl import vit_block_index
+
+    if name.startswith("embeddings."):
+        return 0
+    block = vit_block_index(name)
+    return block + 1 if block is not None else num_layers + 1
+
+
+def layer_decay_groups(
+    model: nn.Module, lr: float, decay: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """The backbone's optimiser groups under ``--layer_decay``: one per depth d of :func:`vit_layer_id`, at
+    ``lr * decay ** (L + 1 - d)`` (L blocks), named ``backbone_embeddings``, ``backbone_block<i>`` and ``backbone``
+    (the final norm, at ``lr``). Frozen parameters are left out. Raises ``ConfigurationError`` for a backbone that
+    is not a plain ViT."""
+    config = model.config
+    if not config.is_plain_vit:
+        raise ConfigurationError(
+            f"--layer_decay is for plain ViT backbones (DINOv2, DINOv3); this model's is {config.backbone_type}"
+        )
+    num_layers = config.backbone_config.num_hidden_layers
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    for name, parameter in model.backbone.named_parameters():
+        if parameter.requires_grad:
+            by_depth.setdefault(vit_layer_id(name, num_layers), []).append(parameter)
+
+    def group_name(depth: int) -> str:
+        if depth == 0:
+            return "backbone_embeddings"
+        return f"backbone_block{depth - 1}" if depth <= num_layers else "backbone"
+
+    return [
+        {
+            "params": by_depth[depth],
+            "lr": lr * decay ** (num_layers + 1 - depth),
+            "weight_decay": weight_decay,
+            "name": group_name(depth),
+        }
+        for depth in sorted(by_depth)
+    ]
