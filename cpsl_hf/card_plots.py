@@ -92,21 +92,34 @@ def _shade_stages(axes, spans: list[tuple[str, int, int]]) -> None:
         )  # fmt: skip
 
 
-def miou_figure(document: Mapping[str, Any]):
-    """Target mIoU (%) over training steps, one line per network of :func:`evaluation_series`, stages shaded."""
+def _curves_over_steps(
+    document: Mapping[str, Any],
+    series: Mapping[str, list[tuple[int, float]]],
+    ylabel: str,
+    height: float,
+    **style,
+):
+    """One line per entry of ``series`` (``label: [(step, value), ...]``) over the run's steps, stages shaded."""
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7.0, 3.6), dpi=100)
+    figure, axes = plt.subplots(figsize=(7.0, height), dpi=100)
     _shade_stages(axes, stage_spans(document))
-    for network, points in evaluation_series(document).items():
+    for label, points in series.items():
         steps, values = zip(*points)
-        axes.plot(steps, values, marker="o", markersize=3, label=network, zorder=2)
-    target = (document.get("training") or {}).get("target") or "target"
+        axes.plot(steps, values, label=label, zorder=2, **style)
     axes.set_xlabel("training step")
-    axes.set_ylabel(f"{target} validation mIoU (%)")
+    axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3, zorder=1)
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def miou_figure(document: Mapping[str, Any]):
+    """Target mIoU (%) over training steps, one line per network of :func:`evaluation_series`, stages shaded."""
+    target = (document.get("training") or {}).get("target") or "target"
+    return _curves_over_steps(
+        document, evaluation_series(document), f"{target} validation mIoU (%)", 3.6, marker="o", markersize=3
+    )
 
 
 def reference_metrics(document: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -176,18 +189,7 @@ def pseudo_label_series(document: Mapping[str, Any]) -> dict[str, list[tuple[int
 
 def pseudo_label_figure(document: Mapping[str, Any]):
     """The pseudo labels' mIoU against the target's ground truth over steps, per kind, stages shaded."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7.0, 3.4), dpi=100)
-    _shade_stages(axes, stage_spans(document))
-    for label, points in pseudo_label_series(document).items():
-        steps, values = zip(*points)
-        axes.plot(steps, values, label=label, zorder=2)
-    axes.set_xlabel("training step")
-    axes.set_ylabel("pseudo-label mIoU (%)")
-    axes.grid(alpha=0.3, zorder=1)
-    axes.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    return figure
+    return _curves_over_steps(document, pseudo_label_series(document), "pseudo-label mIoU (%)", 3.4)
 
 
 def write_card_plots(document: Mapping[str, Any], model_dir: str | os.PathLike) -> list[CardPlot]:
