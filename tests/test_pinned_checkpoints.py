@@ -2,7 +2,8 @@
 
 ``tests/fixtures/pinned/<family>/`` are tiny checkpoints written by ``save_pretrained`` before the AutoBackbone
 families were added (commit ba26895): a SegFormer (MiT) one and a DeepLab-V2 ResNet + ProDA one, 5 classes,
-non-default BatchNorm running statistics. ``expected_outputs.safetensors`` beside each holds the pixels
+non-default BatchNorm running statistics (without the remote-code copies ``save_pretrained`` writes beside them:
+the test loads through the package, so they were never read). ``expected_outputs.safetensors`` beside each holds the pixels
 (2 x 3 x 40 x 56, ``torch.randn`` with generator seed 2) and the logits, embeddings and self-labeling logits that
 the code of that commit computed for them in eval mode. Today's modeling code must reproduce them bit for bit.
 """
