@@ -540,15 +540,14 @@ def matching_preset(config: CPSLConfig) -> str | None:
     return None
 
 
-def describe_architecture(config: CPSLConfig, embedding_dim: int | None = None) -> str:
+def describe_architecture(config: CPSLConfig) -> str:
     """The architecture in words for a model card, never a path: family, preset size (when one matches),
-    decode head and pixel-embedding size D (``embedding_dim``, default the config's), e.g. ``SegFormer (MiT
-    encoder) segformer-b5, segformer decode head, D=768``."""
+    decode head and pixel-embedding size D, e.g. ``SegFormer (MiT encoder) segformer-b5, segformer decode head,
+    D=768``."""
     preset = matching_preset(config)
     family = _FAMILY_NAMES.get(config.backbone_type, config.backbone_type)
     size = preset if preset is not None else "custom size"
-    width = config.embedding_dim if embedding_dim is None else embedding_dim
-    return f"{family} {size}, {config.decode_head} decode head, D={width}"
+    return f"{family} {size}, {config.decode_head} decode head, D={config.embedding_dim}"
 
 
 __all__ = [

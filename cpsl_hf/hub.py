@@ -240,7 +240,7 @@ def _card_context(metrics: Mapping[str, Any], training_info: Mapping[str, Any]) 
         "miou": format_percent(mean_iou),
         "miou_gain": _format_gain(reference["mean_iou"], mean_iou) if reference else None,
         "plots": [(plot["title"], plot["path"]) for plot in training_info.get("plots") or []],
-        "base_model": training_info.get("base_model"),
+        "base_model": base_model,
         "example_images": list(training_info.get("example_images") or []),
         "citation": CPSL_CITATION,
         "method": str(training_info.get("method", "cpsl")),
@@ -649,7 +649,8 @@ def publish_checkpoint(
         raise MissingPathError(f"--training_info {info_path}: no such file")
     if metrics_path.is_file():
         document = _read_json(metrics_path, "--metrics")
-        card_inputs(document, metrics_path)  # either layout, else an error that names the file
+        # Either layout, checked before the Hub is asked for the account name: the error names the file.
+        card_inputs(document, metrics_path)
         overrides = _read_json(info_path, "--training_info") if info_path.is_file() else {}
         # The card's loading code names the repo: a bare NAME becomes the USER/NAME create_repo will make.
         if "/" not in repo_id.strip("/"):

@@ -81,10 +81,10 @@ def hub_base_model(backbone: str, model_name_or_path: str | None, presets: Itera
 
 def _prepared_kind(folder: str) -> str | None:
     """The official dataset (``gta5``, ...) a local folder written by ``scripts/prepare_dataset.py`` holds."""
-    from cpsl_hf.data.prepare import INFO_FILE
+    from cpsl_hf.data.readers import PREPARED_INFO_FILE
 
     try:
-        kind = json.loads((Path(folder) / INFO_FILE).read_text(encoding="utf-8")).get("dataset")
+        kind = json.loads((Path(folder) / PREPARED_INFO_FILE).read_text(encoding="utf-8")).get("dataset")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     return kind if isinstance(kind, str) and kind in DATASET_SPECS else None

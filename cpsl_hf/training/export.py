@@ -126,7 +126,7 @@ def training_info(trainer: Trainer, final_stage: str, final_step: int) -> dict[s
         "target": data.target,
         "backbone": args.model.model_name_or_path or args.model.backbone,
         "base_model": hub_base_model(args.model.backbone, args.model.model_name_or_path, PRESETS),
-        "architecture": describe_architecture(trainer.student.config, trainer.embedding_dim),
+        "architecture": describe_architecture(trainer.student.config),
         "eval_split": data.target_val_split,
         "batch_size": f"{training.source_batch_size} + {training.target_batch_size} per process "
         f"x {trainer.accelerator.num_processes} process(es)",
